@@ -35,9 +35,10 @@ LINE_LIMIT = 70 * 1024
 TRUNCATED = "... (log line truncated)"
 BATCH_LIMIT = 1024 * 1024
 
-# What a line costs beyond its text before it is encoded: the JSON envelope
-# (level, pos, time, args) plus Python's own bookkeeping, roughly.
-LINE_OVERHEAD = 100
+# What the JSON envelope (level, pos, time, args) adds to a line's text, at
+# least: pending lines are counted with it before they are encoded, then
+# measured exactly once they are.
+LINE_OVERHEAD = 80
 
 
 _machinery = threading.local()
