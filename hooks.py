@@ -179,22 +179,23 @@ class OutputFeed:
         text = self._held + self._decoder.decode(data)
         lines = text.split("\n")
         self._held = lines.pop()
-        for line in lines:
-            self._hand_over(line + "\n")
+        whole = [line + "\n" for line in lines]
         if len(self._held) > self._limit:
             # A secret cut here can show in part; see README "Limits".
-            self._hand_over(self._held)
+            whole.append(self._held)
             self._held = ""
+        self._hand_over(whole)
 
     def finish(self):
         """Hand over whatever is held; call once the process has exited."""
         rest = self._held + self._decoder.decode(b"", final=True)
         self._held = ""
         if rest:
-            self._hand_over(rest)
+            self._hand_over([rest])
 
-    def _hand_over(self, line):
-        masked = self._masker.mask(line)
-        self._writer.append(masked)
-        if self._echo is not None:
-            self._echo(masked.encode("utf-8", "replace"))
+    def _hand_over(self, lines):
+        masked = [self._masker.mask(line) for line in lines]
+        for line in masked:
+            self._writer.append(line)
+        if self._echo is not None and masked:
+            self._echo("".join(masked).encode("utf-8", "replace"))

@@ -15,10 +15,12 @@ records into lines.
 
 import argparse
 import dataclasses
+import hashlib
 import http.client
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +45,7 @@ BODY_LIMIT = 10 * 1024 * 1024
 SERVER_THREADS = 32
 DEFAULT_BIND = ":9079"
 DEFAULT_ADDR = "http://127.0.0.1:9079"
+DEFAULT_ENTRYPOINT = ("sh", "-c")
 
 
 # ----------------------------------------------------------- configuration
@@ -314,6 +317,264 @@ class SetupRequest:
         )
 
 
+# ------------------------------------------------------------------- steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRequest:
+    """The parts of the runner's ``/start_step`` body the engine uses."""
+
+    id: str
+    name: str = ""
+    log_key: str = ""
+    environment: dict = dataclasses.field(default_factory=dict)
+    secrets: tuple = ()
+    working_dir: str = ""
+    timeout: float = 0.0
+    commands: tuple = ()
+    entrypoint: tuple = ()
+    output_vars: tuple = ()
+    log_config: logstream.LogConfig = None
+
+    @classmethod
+    def from_json(cls, obj):
+        """Read a decoded JSON object; raises ``ValueError`` naming a bad field."""
+        step_id = _optional(obj, "id", str, "a string")
+        if not step_id:
+            raise ValueError("id must be a non-empty string")
+        environment = _string_map(obj, "environment")
+        run = _optional(obj, "run", dict, "an object") or {}
+        commands = _string_list(run, "commands", "run.commands")
+        entrypoint = _string_list(run, "entrypoint", "run.entrypoint")
+        timeout = obj.get("timeout")
+        if timeout is None:
+            timeout = 0
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValueError("timeout must be a number of seconds")
+        if not 0 <= timeout < 10**9:
+            raise ValueError("timeout must be between 0 and 1e9 seconds")
+        config = obj.get("log_config")
+        return cls(
+            id=step_id,
+            name=_optional(obj, "name", str, "a string") or "",
+            log_key=_optional(obj, "log_key", str, "a string") or "",
+            environment=environment,
+            secrets=tuple(_string_list(obj, "secrets")),
+            working_dir=_optional(obj, "working_dir", str, "a string") or "",
+            timeout=float(timeout),
+            commands=tuple(commands),
+            entrypoint=tuple(entrypoint),
+            output_vars=tuple(_string_list(obj, "output_vars")),
+            log_config=None if config is None else logstream.LogConfig.from_json(config),
+        )
+
+
+def _string_map(obj, name):
+    value = _optional(obj, name, dict, "an object of strings") or {}
+    if not all(isinstance(item, str) for item in value.values()):
+        raise ValueError("%s must be an object of strings" % name)
+    if any("\x00" in text for pair in value.items() for text in pair):
+        raise ValueError("%s must not hold NUL characters" % name)
+    return dict(value)
+
+
+def _string_list(obj, field, name=None):
+    value = obj.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ValueError("%s must be a list of strings" % (name or field))
+    return value
+
+
+def read_exports(path):
+    """``NAME=value`` lines from a file a step wrote; a missing file is empty."""
+    found = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            for line in file:
+                name, equals, value = line.rstrip("\r\n").partition("=")
+                name = name.strip()
+                if name.startswith("export "):
+                    name = name[len("export "):].strip()
+                if equals and name:
+                    found[name] = value
+    except OSError:
+        pass
+    return found
+
+
+class Step:
+    """One step: its process, its output on a live writer, and its result.
+
+    ``run`` is the whole life of the step and runs on a thread of its own:
+    start the process, feed its output to the writer line by line, wait,
+    collect the exports, close the writer, then set ``done``. Nothing else
+    touches the process except ``kill``, which may come from any thread.
+    """
+
+    def __init__(self, request, env, folder, writer, masker):
+        self.request = request
+        self.done = threading.Event()
+        self.exit_code = None
+        self.error = ""
+        self.outputs = {}
+        self.envs = {}
+        self.key = writer.key
+        self.masker = masker
+        self._env = env
+        self._writer = writer
+        self._process = None
+        self._stopped_because = None
+        self._lock = threading.Lock()
+        self.output_path = os.path.join(folder, "output.log")
+        self.output_grew = threading.Condition()
+        open(self.output_path, "wb").close()
+
+    def answer(self):
+        """The ``/poll_step`` answer; call once ``done`` is set."""
+        return {
+            "exited": True,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "outputs": self.outputs,
+            "envs": self.envs,
+        }
+
+    def kill(self, reason, exit_code=137):
+        """Kill the step's whole process group, unless it has exited already.
+
+        ``reason`` becomes the step's error and ``exit_code`` its exit code.
+        """
+        with self._lock:
+            process = self._process
+            if process is not None and process.poll() is not None:
+                return
+            if self._stopped_because is None:
+                self._stopped_because = (exit_code, reason)
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def run(self):
+        """The step's whole life; never raises."""
+        started = time.monotonic()
+        try:
+            self._writer.open()
+            self._execute()
+        except Exception as exc:
+            log.exception("step failed to run", extra=hooks.fields(id=self.request.id))
+            self.exit_code, self.error = 255, "step failed to run: %s" % exc
+        finally:
+            counters = self._writer.close()
+            log.info(
+                "step finished",
+                extra=hooks.fields(
+                    id=self.request.id,
+                    exit_code=self.exit_code,
+                    latency=_latency(started),
+                    lines=counters.get("lines"),
+                ),
+            )
+            with self.output_grew:
+                self.done.set()
+                self.output_grew.notify_all()
+
+    def _execute(self):
+        request = self.request
+        workdir = request.working_dir or None
+        if workdir and not os.path.isdir(workdir):
+            self.exit_code, self.error = 255, "working_dir %s does not exist" % workdir
+            return
+        argv = list(request.entrypoint or DEFAULT_ENTRYPOINT)
+        argv.append("\n".join(request.commands))
+        with open(self.output_path, "ab", buffering=0) as spool:
+            feed = hooks.OutputFeed(self._writer, self.masker, self._echo(spool))
+            with self._lock:
+                if self._stopped_because is not None:
+                    self.exit_code, self.error = self._stopped_because
+                    return
+                try:
+                    self._process = subprocess.Popen(
+                        argv,
+                        cwd=workdir,
+                        env=self._env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                except OSError as exc:
+                    self.exit_code = 255
+                    self.error = "step not started: %s" % exc.strerror
+                    return
+            timer = None
+            if request.timeout > 0:
+                message = "step timed out after %gs" % request.timeout
+                timer = threading.Timer(request.timeout, self.kill, (message, 124))
+                timer.daemon = True
+                timer.start()
+            try:
+                self._pump(feed)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        self._settle()
+
+    def _pump(self, feed):
+        stream = self._process.stdout
+        while True:
+            data = stream.read1(64 * 1024)
+            if not data:
+                break
+            feed.feed(data)
+        feed.finish()
+        stream.close()
+        self._process.wait()
+
+    def _echo(self, spool):
+        def echo(data):
+            spool.write(data)
+            with self.output_grew:
+                self.output_grew.notify_all()
+
+        return echo
+
+    def _settle(self):
+        code = self._process.returncode
+        if self._stopped_because is not None:
+            self.exit_code, self.error = self._stopped_because
+        else:
+            self.exit_code = code if code >= 0 else 128 - code
+            if code != 0:
+                self.error = "exit status %d" % self.exit_code
+        self.outputs = {
+            name: value
+            for name, value in read_exports(self._env["DRONE_OUTPUT"]).items()
+            if name in self.request.output_vars
+        }
+        self.envs = read_exports(self._env["DRONE_ENV"])
+
+    def stream(self, offset):
+        """Yield the step's masked output from byte ``offset`` until it exits."""
+        with open(self.output_path, "rb") as spool:
+            spool.seek(offset)
+            while True:
+                data = spool.read(64 * 1024)
+                if data:
+                    yield data
+                    continue
+                with self.output_grew:
+                    if self.done.is_set():
+                        rest = spool.read()
+                        if rest:
+                            yield rest
+                        return
+                    self.output_grew.wait(1.0)
+
+
 # ------------------------------------------------------------------ engine
 
 
@@ -322,15 +583,16 @@ class EngineClosed(Exception):
 
 
 class Engine:
-    """The stage's state: which live writer carries the engine's own logs.
+    """The stage's state: the writer carrying the engine's own logs, and steps.
 
-    ``setup`` and ``destroy`` may come from any request thread. Locking:
+    Every method may be called from any request thread. Locking:
     ``_stage_lock`` guards ``_writer``, ``_handler`` and ``_closed`` and
     makes setup and destroy run one at a time. It is held while a writer
     opens or closes, which calls the log service, each call bounded by its
-    deadline; so ``/healthz`` and every other quick path never take it.
-    Logging while it is held is safe: the streaming handler only queues the
-    line and never waits.
+    deadline; so ``/healthz`` and the step calls never take it. Logging
+    while it is held is safe: the streaming handler only queues the line and
+    never waits. ``_steps_lock`` guards the steps, the stage settings they
+    start from and the secrets to mask; it is only held for quick updates.
     """
 
     def __init__(self, masker, shared_dir, deadlines, flush_interval=1.0):
@@ -342,6 +604,11 @@ class Engine:
         self._writer = None
         self._handler = None
         self._closed = False
+        self._steps_lock = threading.Lock()
+        self._steps = {}
+        self._stage = SetupRequest()
+        self._secrets = set()
+        self._refuse_steps = False
 
     def setup(self, request):
         """Mask the stage's secrets and, given a log key, stream our logs to it.
@@ -351,14 +618,17 @@ class Engine:
         not an error, and the setup still succeeds.
         """
         started = time.monotonic()
-        config = request.log_config
-        self._masker.update(list(request.secrets) + [config.token])
+        with self._steps_lock:
+            self._stage = request
+            self._secrets.update(request.secrets)
+            self._secrets.add(request.log_config.token)
+            self._masker.update(self._secrets)
         with self._stage_lock:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
             if request.le_log_key:
                 self._stop_streaming()
-                self._start_streaming(request.le_log_key, config)
+                self._start_streaming(request.le_log_key, request.log_config)
             log.info(
                 "setup done",
                 extra=hooks.fields(latency=_latency(started), key=request.le_log_key),
@@ -369,6 +639,7 @@ class Engine:
         started = time.monotonic()
         with self._stage_lock:
             log.info("destroy started")
+            self._stop_steps()
             counters = self._stop_streaming()
             log.info(
                 "destroy done",
@@ -379,7 +650,80 @@ class Engine:
         """Close the writer for process exit; later setups are refused."""
         with self._stage_lock:
             self._closed = True
+        with self._steps_lock:
+            self._refuse_steps = True
         self.destroy()
+
+    def start_step(self, request):
+        """Start a step on a thread of its own and return at once.
+
+        Raises ``ValueError`` when a step with the same id was started
+        before, and ``EngineClosed`` once the engine is shutting down.
+        """
+        with self._steps_lock:
+            if self._refuse_steps:
+                raise EngineClosed("the engine is shutting down")
+            if request.id in self._steps:
+                raise ValueError("step %s was already started" % request.id)
+            step = self._new_step(request, self._stage)
+            self._steps[request.id] = step
+            self._secrets.update(step.masker.secrets)
+            self._masker.update(self._secrets)
+        log.info(
+            "step started",
+            extra=hooks.fields(id=request.id, name=request.name, key=step.key),
+        )
+        threading.Thread(target=step.run, name="step", daemon=True).start()
+
+    def poll_step(self, step_id):
+        """Wait until the step has exited; returns the ``/poll_step`` answer.
+
+        Raises ``KeyError`` for an id no step was started with.
+        """
+        step = self._find(step_id)
+        step.done.wait()
+        return step.answer()
+
+    def stream_output(self, step_id, offset):
+        """The step's masked output from byte ``offset``, as it is printed.
+
+        Raises ``KeyError`` for an id no step was started with.
+        """
+        return self._find(step_id).stream(offset)
+
+    def _find(self, step_id):
+        with self._steps_lock:
+            return self._steps[step_id]
+
+    def _new_step(self, request, stage):
+        digest = hashlib.sha256(request.id.encode("utf-8", "surrogatepass"))
+        folder = os.path.join(self._shared_dir, "steps", digest.hexdigest()[:16])
+        os.makedirs(folder, exist_ok=True)
+        env = dict(os.environ)
+        env.update(stage.envs)
+        env.update(request.environment)
+        for name, file_name in (("DRONE_OUTPUT", "output.env"), ("DRONE_ENV", "env")):
+            env[name] = os.path.join(folder, file_name)
+            open(env[name], "w").close()
+        config = request.log_config or stage.log_config
+        client = logstream.new_client(config, self._shared_dir, self._deadlines)
+        key = request.log_key or request.id
+        writer = logstream.LiveWriter(client, key, config, self._flush_interval)
+        masker = hooks.Masker(stage.secrets + request.secrets + (config.token,))
+        return Step(request, env, folder, writer, masker)
+
+    def _stop_steps(self):
+        """Kill the steps still running, wait for their writers, forget them."""
+        with self._steps_lock:
+            steps, self._steps = list(self._steps.values()), {}
+        for step in steps:
+            step.kill("step killed: stage destroyed")
+        deadlines = self._deadlines
+        wait = deadlines.open + deadlines.write + deadlines.upload + deadlines.close
+        for step in steps:
+            if not step.done.wait(wait + 5):
+                log.warning("step did not finish", extra=hooks.fields(id=step.request.id))
+        shutil.rmtree(os.path.join(self._shared_dir, "steps"), ignore_errors=True)
 
     def _start_streaming(self, key, config):
         try:
@@ -418,6 +762,13 @@ class Engine:
 # ---------------------------------------------------------------- HTTP API
 
 
+def _step_id(body):
+    step_id = body.get("id")
+    if not isinstance(step_id, str) or not step_id:
+        raise ApiError(400, "id must be a non-empty string")
+    return step_id
+
+
 def _json_answer(status, obj):
     return bottle.HTTPResponse(
         body=json.dumps(obj),
@@ -441,6 +792,9 @@ class Api:
         self.app.route("/healthz", "GET", self._endpoint(self.healthz))
         self.app.route("/setup", "POST", self._endpoint(self.setup))
         self.app.route("/destroy", "POST", self._endpoint(self.destroy))
+        self.app.route("/start_step", "POST", self._endpoint(self.start_step))
+        self.app.route("/poll_step", "POST", self._endpoint(self.poll_step))
+        self.app.route("/stream_output", "POST", self._endpoint(self.stream_output))
 
     def healthz(self):
         """Report that the engine is up, and its version."""
@@ -465,12 +819,50 @@ class Api:
         self._engine.destroy()
         return {}
 
+    def start_step(self):
+        """Start a step; see ``Engine.start_step``."""
+        body = read_json_object(bottle.request.environ)
+        try:
+            request = StepRequest.from_json(body)
+            self._engine.start_step(request)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        except EngineClosed as exc:
+            raise ApiError(500, str(exc)) from None
+        return {}
+
+    def poll_step(self):
+        """Answer once the step has exited; see ``Engine.poll_step``."""
+        step_id = _step_id(read_json_object(bottle.request.environ))
+        try:
+            return self._engine.poll_step(step_id)
+        except KeyError:
+            raise ApiError(404, "unknown step %s" % step_id) from None
+
+    def stream_output(self):
+        """Stream the step's output from ``offset`` until it exits."""
+        body = read_json_object(bottle.request.environ)
+        step_id = _step_id(body)
+        offset = body.get("offset") or 0
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ApiError(400, "offset must be a whole number of bytes, 0 or more")
+        try:
+            chunks = self._engine.stream_output(step_id, offset)
+        except KeyError:
+            raise ApiError(404, "unknown step %s" % step_id) from None
+        return bottle.HTTPResponse(
+            chunks, 200, headers={"Content-Type": "text/plain; charset=utf-8"}
+        )
+
     def _endpoint(self, handler):
         """Wrap ``handler`` so that whatever happens, the answer is JSON."""
 
         def answer():
             try:
-                return _json_answer(200, handler())
+                answer = handler()
+                if isinstance(answer, bottle.HTTPResponse):
+                    return answer
+                return _json_answer(200, answer)
             except ApiError as exc:
                 return _json_answer(exc.status, {"error_msg": exc.message})
             except Exception:
