@@ -681,6 +681,7 @@ class Engine:
         Raises ``KeyError`` for an id no step was started with.
         """
         step = self._find(step_id)
+        log.debug("step poll waiting", extra=hooks.fields(id=step_id))
         step.done.wait()
         return step.answer()
 

@@ -23,7 +23,8 @@ class StepTest(unittest.TestCase):
     def setUp(self):
         self.service = FakeLogService(token=TOKEN).start()
         self.addCleanup(self.service.stop)
-        self.engine = EngineProcess({"LE_FLUSH_INTERVAL": "0.2"}).start()
+        self.engine = EngineProcess({"LE_FLUSH_INTERVAL": "0.2", "DEBUG": "true"})
+        self.engine.start()
         self.addCleanup(self.engine.cleanup)
         self.log_config = {"url": self.service.url, "account_id": "acct", "token": TOKEN}
         body = {"le_log_key": "stage/le", "log_config": self.log_config}
@@ -142,6 +143,8 @@ class StepTest(unittest.TestCase):
         result = {}
         poller = threading.Thread(target=lambda: result.update(self.poll("forever")))
         poller.start()
+        waiting = 'msg="step poll waiting" id=forever'
+        self.assertIsNotNone(self.engine.wait_for_stderr(waiting))
         started = time.monotonic()
         self.assertEqual(self.post("/destroy", {}), (200, {}))
         self.assertLess(time.monotonic() - started, 10)
