@@ -40,6 +40,24 @@ def level_name(levelno):
     return "debug"
 
 
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+}
+
+
+def parse_level(name):
+    """The logging level for a protocol level name; ``ValueError`` if unknown."""
+    try:
+        return LEVELS[name.strip().lower()]
+    except KeyError:
+        raise ValueError("unknown level %r (use debug, info, warning, error, fatal)" % name)
+
+
 class Masker:
     """A set of secrets to hide, safe to read and update from any thread.
 
@@ -139,11 +157,17 @@ class StreamHandler(logging.Handler):
         self.writer = writer
         self.setFormatter(formatter)
 
+    def carries(self, record):
+        """Whether ``record`` would be streamed (its level, not the machinery's)."""
+        return (
+            record.levelno >= self.level
+            and not record.name.startswith("logstream")
+            and not logstream.in_machinery()
+        )
+
     def emit(self, record):
         """Format ``record`` and queue it on the writer."""
-        if record.name.startswith("logstream") or logstream.in_machinery():
-            return
-        if getattr(_inside, "active", False):
+        if not self.carries(record) or getattr(_inside, "active", False):
             return
         _inside.active = True
         try:
@@ -153,6 +177,26 @@ class StreamHandler(logging.Handler):
             self.handleError(record)
         finally:
             _inside.active = False
+
+
+class QuietWhileStreaming(logging.Filter):
+    """A console filter that leaves to the stream what the stream carries.
+
+    A record is still printed when no stream is attached (``handler`` is
+    ``None``), while the stream is failing, or when the stream would not
+    carry it: nothing is seen nowhere.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.handler = None
+
+    def filter(self, record):
+        """True to print ``record`` on the console."""
+        handler = self.handler
+        if handler is None or handler.writer.failing:
+            return True
+        return not handler.carries(record)
 
 
 class OutputFeed:

@@ -283,37 +283,67 @@ def _optional(obj, name, kind, kind_name):
     return value
 
 
+def _string_map(obj, name):
+    value = _optional(obj, name, dict, "an object of strings") or {}
+    if not all(isinstance(item, str) for item in value.values()):
+        raise ValueError("%s must be an object of strings" % name)
+    if any("\x00" in text for pair in value.items() for text in pair):
+        raise ValueError("%s must not hold NUL characters" % name)
+    return dict(value)
+
+
+def _string_list(obj, field, name=None):
+    value = obj.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise ValueError("%s must be a list of strings" % (name or field))
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class SetupRequest:
-    """The parts of the runner's ``/setup`` body the engine uses so far.
+    """The parts of the runner's ``/setup`` body the engine uses.
 
     ``network``, ``volumes`` and ``files`` are checked for their JSON type
-    but not used yet.
+    but not used. ``le_log_config``, when given, replaces ``log_config`` for
+    the engine's own stream only; ``le_log_level`` (from ``log_config``) is
+    the lowest level that stream carries, empty for the server's default.
     """
 
     envs: dict = dataclasses.field(default_factory=dict)
     secrets: tuple = ()
     le_log_key: str = ""
     log_config: logstream.LogConfig = logstream.LogConfig()
+    le_log_config: logstream.LogConfig = None
+    le_log_level: str = ""
 
     @classmethod
     def from_json(cls, obj):
         """Read a decoded JSON object; raises ``ValueError`` naming a bad field."""
-        envs = _optional(obj, "envs", dict, "an object of strings") or {}
-        if not all(isinstance(value, str) for value in envs.values()):
-            raise ValueError("envs must be an object of strings")
-        secrets = _optional(obj, "secrets", list, "a list of strings") or []
-        if not all(isinstance(secret, str) for secret in secrets):
-            raise ValueError("secrets must be a list of strings")
         key = _optional(obj, "le_log_key", str, "a string") or ""
         _optional(obj, "network", dict, "an object")
         _optional(obj, "volumes", list, "a list")
         _optional(obj, "files", list, "a list")
+        log_config = logstream.LogConfig.from_json(obj.get("log_config"))
+        level = (obj.get("log_config") or {}).get("le_log_level") or ""
+        if not isinstance(level, str):
+            raise ValueError("log_config.le_log_level must be a string")
+        if level:
+            try:
+                hooks.parse_level(level)
+            except ValueError as exc:
+                raise ValueError("log_config.le_log_level: %s" % exc) from None
+        own = obj.get("le_log_config")
         return cls(
-            envs=dict(envs),
-            secrets=tuple(secrets),
+            envs=_string_map(obj, "envs"),
+            secrets=tuple(_string_list(obj, "secrets")),
             le_log_key=key,
-            log_config=logstream.LogConfig.from_json(obj.get("log_config")),
+            log_config=log_config,
+            le_log_config=logstream.LogConfig.from_json(own, "le_log_config")
+            if own is not None
+            else None,
+            le_log_level=level,
         )
 
 
@@ -369,24 +399,6 @@ class StepRequest:
         )
 
 
-def _string_map(obj, name):
-    value = _optional(obj, name, dict, "an object of strings") or {}
-    if not all(isinstance(item, str) for item in value.values()):
-        raise ValueError("%s must be an object of strings" % name)
-    if any("\x00" in text for pair in value.items() for text in pair):
-        raise ValueError("%s must not hold NUL characters" % name)
-    return dict(value)
-
-
-def _string_list(obj, field, name=None):
-    value = obj.get(field)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-        raise ValueError("%s must be a list of strings" % (name or field))
-    return value
-
-
 def read_exports(path):
     """``NAME=value`` lines from a file a step wrote; a missing file is empty."""
     found = {}
@@ -413,7 +425,7 @@ class Step:
     touches the process except ``kill``, which may come from any thread.
     """
 
-    def __init__(self, request, env, folder, writer, masker):
+    def __init__(self, request, env, folder, writer, masker, metrics):
         self.request = request
         self.done = threading.Event()
         self.exit_code = None
@@ -424,6 +436,7 @@ class Step:
         self.masker = masker
         self._env = env
         self._writer = writer
+        self._metrics = metrics
         self._process = None
         self._stopped_because = None
         self._lock = threading.Lock()
@@ -469,6 +482,7 @@ class Step:
             self.exit_code, self.error = 255, "step failed to run: %s" % exc
         finally:
             counters = self._writer.close()
+            self._metrics.closed("step", self._writer, counters)
             log.info(
                 "step finished",
                 extra=hooks.fields(
@@ -595,8 +609,12 @@ class Engine:
     start from and the secrets to mask; it is only held for quick updates.
     """
 
-    def __init__(self, masker, shared_dir, deadlines, flush_interval=1.0):
+    def __init__(
+        self, masker, shared_dir, deadlines, flush_interval=1.0, stream_level="debug"
+    ):
         self._masker = masker
+        self._stream_level = stream_level
+        self.console_filter = hooks.QuietWhileStreaming()
         self._shared_dir = shared_dir
         self._deadlines = deadlines
         self._flush_interval = flush_interval
@@ -609,6 +627,7 @@ class Engine:
         self._stage = SetupRequest()
         self._secrets = set()
         self._refuse_steps = False
+        self.metrics = logstream.StreamMetrics()
 
     def setup(self, request):
         """Mask the stage's secrets and, given a log key, stream our logs to it.
@@ -622,13 +641,17 @@ class Engine:
             self._stage = request
             self._secrets.update(request.secrets)
             self._secrets.add(request.log_config.token)
+            if request.le_log_config is not None:
+                self._secrets.add(request.le_log_config.token)
             self._masker.update(self._secrets)
         with self._stage_lock:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
             if request.le_log_key:
                 self._stop_streaming()
-                self._start_streaming(request.le_log_key, request.log_config)
+                config = request.le_log_config or request.log_config
+                level = request.le_log_level or self._stream_level
+                self._start_streaming(request.le_log_key, config, level)
             log.info(
                 "setup done",
                 extra=hooks.fields(latency=_latency(started), key=request.le_log_key),
@@ -692,6 +715,11 @@ class Engine:
         """
         return self._find(step_id).stream(offset)
 
+    def running(self):
+        """How many steps have started and not yet finished."""
+        with self._steps_lock:
+            return sum(not step.done.is_set() for step in self._steps.values())
+
     def _find(self, step_id):
         with self._steps_lock:
             return self._steps[step_id]
@@ -711,7 +739,8 @@ class Engine:
         key = request.log_key or request.id
         writer = logstream.LiveWriter(client, key, config, self._flush_interval)
         masker = hooks.Masker(stage.secrets + request.secrets + (config.token,))
-        return Step(request, env, folder, writer, masker)
+        self.metrics.opened("step", writer)
+        return Step(request, env, folder, writer, masker, self.metrics)
 
     def _stop_steps(self):
         """Kill the steps still running, wait for their writers, forget them."""
@@ -726,7 +755,7 @@ class Engine:
                 log.warning("step did not finish", extra=hooks.fields(id=step.request.id))
         shutil.rmtree(os.path.join(self._shared_dir, "steps"), ignore_errors=True)
 
-    def _start_streaming(self, key, config):
+    def _start_streaming(self, key, config, level):
         try:
             client = logstream.new_client(config, self._shared_dir, self._deadlines)
             writer = logstream.LiveWriter(client, key, config, self._flush_interval)
@@ -736,14 +765,19 @@ class Engine:
             )
             return
         writer.open()
-        handler = hooks.StreamHandler(writer, hooks.LogrusFormatter(self._masker))
+        handler = hooks.StreamHandler(
+            writer, hooks.LogrusFormatter(self._masker), hooks.parse_level(level)
+        )
+        self.metrics.opened("engine", writer)
         logging.getLogger().addHandler(handler)
+        self.console_filter.handler = handler
         self._writer, self._handler = writer, handler
 
     def _stop_streaming(self):
         """Detach the handler, then close the writer; returns its counters."""
         handler, self._handler = self._handler, None
         writer, self._writer = self._writer, None
+        self.console_filter.handler = None
         counters = {}
         if handler is not None:
             try:
@@ -753,14 +787,55 @@ class Engine:
                 log.exception("log handler not detached")
         if writer is not None:
             try:
-                result = writer.close()
-                counters = dict(result) if isinstance(result, dict) else {}
+                counters = writer.close()
             except Exception:
                 log.exception("log writer not closed")
+            self.metrics.closed("engine", writer, counters)
         return counters
 
 
 # ---------------------------------------------------------------- HTTP API
+
+
+# Each writer counter as a Prometheus counter: name and help text.
+METRICS = (
+    ("lines", "lines_total", "Lines handed to stream writers."),
+    ("sent", "lines_sent_total", "Lines the log service acknowledged live."),
+    ("bytes_sent", "bytes_sent_total", "Bytes of live writes acknowledged."),
+    ("flushes", "flushes_total", "Live writes attempted."),
+    ("failed_flushes", "flushes_failed_total", "Flushes that failed."),
+    ("retries", "retries_total", "Log-service calls retried."),
+    ("dropped", "lines_dropped_total", "Lines dropped by the history cap."),
+    ("truncated", "lines_truncated_total", "Lines cut at the line cap."),
+    ("uploads", "uploads_total", "Final uploads acknowledged."),
+    ("failed_uploads", "uploads_failed_total", "Final uploads that failed."),
+)
+
+
+def render_metrics(snapshot, running_steps):
+    """The figures as Prometheus text exposition, labelled by kind of stream."""
+    out = []
+
+    def family(name, kind, text, values):
+        out.append("# HELP liteengine_%s %s" % (name, text))
+        out.append("# TYPE liteengine_%s %s" % (name, kind))
+        for stream, value in values:
+            out.append('liteengine_%s{stream="%s"} %s' % (name, stream, value))
+
+    for key, name, text in METRICS:
+        counts = [(stream, figures[key]) for stream, figures in snapshot.items()]
+        family("stream_" + name, "counter", text, counts)
+    ages = [
+        (stream, "%.3f" % figures["oldest_unsent_age"])
+        for stream, figures in snapshot.items()
+    ]
+    family("stream_oldest_unsent_seconds", "gauge", "Age of the oldest unsent line.", ages)
+    opened = [(stream, figures["open"]) for stream, figures in snapshot.items()]
+    family("streams_open", "gauge", "Stream writers open now.", opened)
+    out.append("# HELP liteengine_steps_running Steps started and not finished.")
+    out.append("# TYPE liteengine_steps_running gauge")
+    out.append("liteengine_steps_running %d" % running_steps)
+    return "\n".join(out) + "\n"
 
 
 def _step_id(body):
@@ -791,6 +866,7 @@ class Api:
         self.app = bottle.Bottle(catchall=True)
         self.app.default_error_handler = self._error_page
         self.app.route("/healthz", "GET", self._endpoint(self.healthz))
+        self.app.route("/metrics", "GET", self._endpoint(self.metrics))
         self.app.route("/setup", "POST", self._endpoint(self.setup))
         self.app.route("/destroy", "POST", self._endpoint(self.destroy))
         self.app.route("/start_step", "POST", self._endpoint(self.start_step))
@@ -800,6 +876,13 @@ class Api:
     def healthz(self):
         """Report that the engine is up, and its version."""
         return {"version": __version__, "ok": True}
+
+    def metrics(self):
+        """The streaming figures in Prometheus' text format."""
+        text = render_metrics(self._engine.metrics.snapshot(), self._engine.running())
+        return bottle.HTTPResponse(
+            text, 200, headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
 
     def setup(self):
         """Prepare the stage; see ``Engine.setup``."""

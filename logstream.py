@@ -752,3 +752,67 @@ def _take(history, start, limit):
             break
         batch.append(line)
     return batch
+
+
+# ---------------------------------------------------------------- figures
+
+
+class StreamMetrics:
+    """Writers' counters summed by kind of stream, for scraping.
+
+    A writer is registered when it is made and retired with its final
+    counters when it is closed; totals only ever go up, across any number of
+    stages. Locking: ``_lock`` guards the totals and the set of open writers
+    and is held only to copy or add numbers; a writer's ``stats()`` is read
+    after it is released.
+    """
+
+    COUNTERS = (
+        "lines",
+        "sent",
+        "bytes_sent",
+        "flushes",
+        "failed_flushes",
+        "retries",
+        "dropped",
+        "truncated",
+        "uploads",
+        "failed_uploads",
+    )
+
+    def __init__(self, kinds=("engine", "step")):
+        self._lock = threading.Lock()
+        self._totals = {kind: dict.fromkeys(self.COUNTERS, 0) for kind in kinds}
+        self._open = {kind: set() for kind in kinds}
+
+    def opened(self, kind, writer):
+        """Count ``writer`` among the open streams of ``kind``."""
+        with self._lock:
+            self._open[kind].add(writer)
+
+    def closed(self, kind, writer, figures):
+        """Retire ``writer``, adding its final ``figures`` to the totals."""
+        with self._lock:
+            if writer not in self._open[kind]:
+                return
+            self._open[kind].discard(writer)
+            totals = self._totals[kind]
+            for name in self.COUNTERS:
+                totals[name] += figures.get(name, 0)
+
+    def snapshot(self):
+        """Per kind: the counters, ``open`` streams and ``oldest_unsent_age``."""
+        with self._lock:
+            totals = {kind: dict(counts) for kind, counts in self._totals.items()}
+            writers = {kind: list(found) for kind, found in self._open.items()}
+        for kind, found in writers.items():
+            figures = totals[kind]
+            figures["open"] = len(found)
+            figures["oldest_unsent_age"] = 0.0
+            for writer in found:
+                live = writer.stats()
+                for name in self.COUNTERS:
+                    figures[name] += live[name]
+                age = max(figures["oldest_unsent_age"], live["oldest_unsent_age"])
+                figures["oldest_unsent_age"] = age
+        return totals
