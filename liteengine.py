@@ -500,7 +500,7 @@ class Step:
         request = self.request
         workdir = request.working_dir or None
         if workdir and not os.path.isdir(workdir):
-            self.exit_code, self.error = 255, "working_dir %s does not exist" % workdir
+            self._not_started("working_dir %s does not exist" % workdir)
             return
         argv = list(request.entrypoint or DEFAULT_ENTRYPOINT)
         argv.append("\n".join(request.commands))
@@ -521,8 +521,7 @@ class Step:
                         start_new_session=True,
                     )
                 except OSError as exc:
-                    self.exit_code = 255
-                    self.error = "step not started: %s" % exc.strerror
+                    self._not_started("step not started: %s" % exc.strerror)
                     return
             timer = None
             if request.timeout > 0:
@@ -536,6 +535,10 @@ class Step:
                 if timer is not None:
                     timer.cancel()
         self._settle()
+
+    def _not_started(self, error):
+        self.exit_code, self.error = 255, error
+        log.warning("step not started", extra=hooks.fields(id=self.request.id, error=error))
 
     def _pump(self, feed):
         stream = self._process.stdout
