@@ -116,7 +116,14 @@ class LogrusFormatter(logging.Formatter):
         self._clock = (None, "")
 
     def format(self, record):
-        """The record as one line of text, without a trailing newline."""
+        """The record as one line of text, without a trailing newline.
+
+        The text is kept on the record, so the console and the stream,
+        formatting the same record with the same masker, pay for it once.
+        """
+        kept = record.__dict__.get("_logrus")
+        if kept is not None and kept[0] is self._masker:
+            return kept[1]
         parts = [
             'time="%s"' % self._time(record.created),
             "level=" + level_name(record.levelno),
@@ -127,7 +134,10 @@ class LogrusFormatter(logging.Formatter):
         if record.exc_info:
             parts.append("error=" + quote(self.formatException(record.exc_info)))
         text = " ".join(parts)
-        return self._masker.mask(text) if self._masker else text
+        if self._masker is not None:
+            text = self._masker.mask(text)
+        record._logrus = (self._masker, text)
+        return text
 
     def _time(self, created):
         # One tuple, swapped whole, so threads never pair a second with
