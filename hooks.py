@@ -167,6 +167,20 @@ class StreamHandler(logging.Handler):
         self.writer = writer
         self.setFormatter(formatter)
 
+    def handle(self, record):
+        """Filter and emit, without ``logging.Handler``'s handler-wide lock.
+
+        ``emit`` is safe from any thread by itself (the writer has its own
+        short lock), so busy threads do not queue on a lock they need not
+        share.
+        """
+        kept = self.filter(record)
+        if isinstance(kept, logging.LogRecord):
+            record = kept
+        if kept:
+            self.emit(record)
+        return kept
+
     def carries(self, record):
         """Whether ``record`` would be streamed (its level, not the machinery's)."""
         return (
