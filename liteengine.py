@@ -1,11 +1,15 @@
 """liteengine: a small CI engine that a runner drives over HTTP on a build VM.
 
-The command line has three uses:
+The command line has four uses:
 
-- ``server`` serves the engine's HTTP API (``/healthz``, ``/setup``,
-  ``/destroy``) and, once a ``/setup`` names a log key, streams every line it
-  logs about itself to the log service under that key.
+- ``server`` serves the engine's HTTP API: ``/setup`` and ``/destroy`` for
+  the stage, ``/start_step``, ``/poll_step`` and ``/stream_output`` for the
+  steps it runs on the host, ``/healthz`` and ``/metrics``. Once a
+  ``/setup`` names a log key, it streams every line it logs about itself to
+  the log service under that key, as it streams each step's output.
 - ``client`` drives a running engine, so nobody needs curl.
+- ``certs`` makes a CA, a server and a client certificate for trying
+  secure mode.
 - ``--version`` prints the version ``/healthz`` reports, and the commit.
 
 This module holds the configuration, the engine's state, the HTTP API and
@@ -17,14 +21,17 @@ import argparse
 import dataclasses
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -32,6 +39,7 @@ import urllib.parse
 import bottle
 import cheroot.errors
 import cheroot.server
+import cheroot.ssl.builtin
 import cheroot.wsgi
 
 import hooks
@@ -44,7 +52,7 @@ log = logging.getLogger("liteengine")
 BODY_LIMIT = 10 * 1024 * 1024
 SERVER_THREADS = 32
 DEFAULT_BIND = ":9079"
-DEFAULT_ADDR = "http://127.0.0.1:9079"
+DEFAULT_ADDR = "https://127.0.0.1:9079"
 DEFAULT_ENTRYPOINT = ("sh", "-c")
 
 
@@ -77,14 +85,26 @@ def read_env_file(path):
     return values
 
 
-def _flag(environ, name):
-    """Read a boolean the way Go's strconv.ParseBool does; unset is false."""
+def _flag(environ, name, default=False):
+    """Read a boolean the way Go's strconv.ParseBool does; unset is ``default``."""
     value = environ.get(name, "").strip().lower()
-    if value in ("", "0", "f", "false"):
+    if not value:
+        return default
+    if value in ("0", "f", "false"):
         return False
     if value in ("1", "t", "true"):
         return True
     raise ValueError("%s must be true or false, not %r" % (name, value))
+
+
+def _level(environ, name, default):
+    """Read a protocol level name (debug ... fatal), ``default`` when unset."""
+    value = environ.get(name, "").strip().lower() or default
+    try:
+        hooks.parse_level(value)
+    except ValueError as exc:
+        raise ValueError("%s: %s" % (name, exc)) from None
+    return value
 
 
 def _seconds(environ, name, default):
@@ -127,6 +147,9 @@ class Config:
     shared_dir: str = "/tmp/engine"
     flush_interval: float = 1.0
     deadlines: logstream.Deadlines = logstream.Deadlines()
+    transport: logstream.Transport = logstream.Transport()
+    stream_level: str = "debug"
+    quiet: bool = False
 
     @classmethod
     def from_env(cls, environ):
@@ -150,6 +173,9 @@ class Config:
             shared_dir=shared_dir,
             flush_interval=_seconds(environ, "LE_FLUSH_INTERVAL", 1.0),
             deadlines=logstream.Deadlines.from_env(environ),
+            transport=logstream.Transport.from_env(environ),
+            stream_level=_level(environ, "LE_LOG_LEVEL", "debug"),
+            quiet=not _flag(environ, "LE_LOG_STDOUT", default=True),
         )
 
 
@@ -613,10 +639,17 @@ class Engine:
     """
 
     def __init__(
-        self, masker, shared_dir, deadlines, flush_interval=1.0, stream_level="debug"
+        self,
+        masker,
+        shared_dir,
+        deadlines,
+        flush_interval=1.0,
+        stream_level="debug",
+        transport=None,
     ):
         self._masker = masker
         self._stream_level = stream_level
+        self._transport = transport or logstream.Transport()
         self.console_filter = hooks.QuietWhileStreaming()
         self._shared_dir = shared_dir
         self._deadlines = deadlines
@@ -646,6 +679,7 @@ class Engine:
             self._secrets.add(request.log_config.token)
             if request.le_log_config is not None:
                 self._secrets.add(request.le_log_config.token)
+            self._secrets.update(self._transport.with_envs(request.envs).secrets())
             self._masker.update(self._secrets)
         with self._stage_lock:
             if self._closed:
@@ -654,7 +688,8 @@ class Engine:
                 self._stop_streaming()
                 config = request.le_log_config or request.log_config
                 level = request.le_log_level or self._stream_level
-                self._start_streaming(request.le_log_key, config, level)
+                transport = self._transport.with_envs(request.envs)
+                self._start_streaming(request.le_log_key, config, level, transport)
             log.info(
                 "setup done",
                 extra=hooks.fields(latency=_latency(started), key=request.le_log_key),
@@ -738,7 +773,10 @@ class Engine:
             env[name] = os.path.join(folder, file_name)
             open(env[name], "w").close()
         config = request.log_config or stage.log_config
-        client = logstream.new_client(config, self._shared_dir, self._deadlines)
+        transport = self._transport.with_envs(stage.envs)
+        client = logstream.new_client(
+            config, self._shared_dir, self._deadlines, transport
+        )
         key = request.log_key or request.id
         writer = logstream.LiveWriter(client, key, config, self._flush_interval)
         masker = hooks.Masker(stage.secrets + request.secrets + (config.token,))
@@ -758,9 +796,11 @@ class Engine:
                 log.warning("step did not finish", extra=hooks.fields(id=step.request.id))
         shutil.rmtree(os.path.join(self._shared_dir, "steps"), ignore_errors=True)
 
-    def _start_streaming(self, key, config, level):
+    def _start_streaming(self, key, config, level, transport):
         try:
-            client = logstream.new_client(config, self._shared_dir, self._deadlines)
+            client = logstream.new_client(
+                config, self._shared_dir, self._deadlines, transport
+            )
             writer = logstream.LiveWriter(client, key, config, self._flush_interval)
         except Exception as exc:
             log.warning(
@@ -982,8 +1022,149 @@ class Api:
 # ------------------------------------------------------------------ server
 
 
+def server_tls_context(config):
+    """The TLS context for serving with ``config``: mutual TLS, 1.2 at least.
+
+    The server shows SERVER_CERT_FILE and SERVER_KEY_FILE and accepts only
+    callers whose certificate chains to a CA in CLIENT_CERT_FILE. Raises
+    ``ValueError`` naming the variable and the file at fault.
+    """
+    files = (
+        ("SERVER_CERT_FILE", config.cert_file),
+        ("SERVER_KEY_FILE", config.key_file),
+        ("CLIENT_CERT_FILE", config.client_cert_file),
+    )
+    unset = [name for name, path in files if not path]
+    if unset:
+        raise ValueError(
+            "%s not set: serving HTTPS takes SERVER_CERT_FILE, SERVER_KEY_FILE "
+            "and CLIENT_CERT_FILE (`liteengine.py certs` makes a set); "
+            "SERVER_INSECURE=true serves plain HTTP, for local trials only"
+            % " and ".join(unset)
+        )
+    for name, path in files:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            reason = "%s=%s cannot be read: %s" % (name, path, exc.strerror or exc)
+            raise ValueError(reason) from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(config.cert_file, config.key_file, _no_password)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(
+            "SERVER_CERT_FILE=%s and SERVER_KEY_FILE=%s are not a PEM certificate "
+            "and its unencrypted key: %s"
+            % (config.cert_file, config.key_file, _tls_reason(exc))
+        ) from None
+    try:
+        context.load_verify_locations(cafile=config.client_cert_file)
+    except ssl.SSLError as exc:
+        raise ValueError(
+            "CLIENT_CERT_FILE=%s holds no PEM CA certificate: %s"
+            % (config.client_cert_file, _tls_reason(exc))
+        ) from None
+    return context
+
+
+def _no_password():
+    # Called by ssl only for an encrypted key, instead of a terminal prompt.
+    raise ValueError("encrypted keys are not supported")
+
+
+def _tls_reason(exc):
+    """A short reason for an ``ssl`` failure, without the C source location."""
+    reason = getattr(exc, "reason", None)
+    detail = getattr(exc, "verify_message", None)
+    if reason and detail:
+        return "%s: %s" % (reason, detail)
+    return reason or str(exc) or type(exc).__name__
+
+
+_PLAIN_HTTP_ANSWER = json.dumps(
+    {"error_msg": "this port speaks HTTPS only, with a client certificate"}
+).encode("ascii")
+
+
+class _Connection(cheroot.server.HTTPConnection):
+    """One caller's connection; over TLS it shakes hands on its first turn.
+
+    The handshake runs on the worker thread serving the connection, never on
+    the thread accepting connections (see ``_TlsAdapter``). A handshake that
+    fails (no client certificate, one from another CA, a caller that goes
+    quiet) is one ``tls handshake failed`` line and a closed connection; a
+    caller speaking plain HTTP is also answered 400 in plain HTTP.
+    """
+
+    _handshake_done = False
+
+    def communicate(self):
+        """Shake hands if that is still to do, then serve one request."""
+        if not self._handshake_done and isinstance(self.socket, ssl.SSLSocket):
+            if not self._handshake():
+                return False
+            self._handshake_done = True
+        return super().communicate()
+
+    def _handshake(self):
+        try:
+            self.socket.do_handshake()
+            return True
+        except OSError as exc:
+            reason = _tls_reason(exc)
+        remote = _join_host_port(self.remote_addr or "", self.remote_port or 0)
+        details = hooks.fields(remote=remote, error=reason)
+        log.info("tls handshake failed", extra=details)
+        if reason == "HTTP_REQUEST":
+            head = (
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nConnection: close\r\n\r\n"
+                % len(_PLAIN_HTTP_ANSWER)
+            )
+            try:
+                # No TLS session was made, so the answer goes out in the clear,
+                # on the socket under the TLS layer.
+                socket.socket.sendall(self.socket, head.encode() + _PLAIN_HTTP_ANSWER)
+            except OSError:
+                pass
+        return False
+
+
+class _TlsAdapter(cheroot.ssl.builtin.BuiltinSSLAdapter):
+    """cheroot's TLS adapter, with the handshake moved off the accepting thread.
+
+    cheroot shakes hands right after ``accept``, on the one thread that
+    accepts every connection, so a caller that connects and stays silent
+    would hold every other caller back until its socket timed out. Here
+    ``wrap`` only wraps the socket; ``_Connection`` shakes hands on a worker.
+    """
+
+    def __init__(self, context):
+        # Not the base class's: it would load the files again and shake hands
+        # with itself to fill WSGI variables the engine does not use.
+        self.certificate = self.private_key = self.certificate_chain = None
+        self.ciphers = self.private_key_password = None
+        self.context = context
+        self._server_env = {}
+
+    def wrap(self, sock):
+        """Wrap ``sock`` for TLS without shaking hands yet."""
+        try:
+            tls = self.context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        except OSError as exc:
+            raise cheroot.errors.FatalSSLAlert(str(exc)) from exc
+        return tls, {"wsgi.url_scheme": "https", "HTTPS": "on"}
+
+
 class _HttpServer(cheroot.wsgi.Server):
     """cheroot's WSGI server, reporting its own troubles through logging."""
+
+    ConnectionClass = _Connection
 
     def error_log(self, msg="", level=logging.INFO, traceback=False):
         """Log cheroot's message as one line on the ``liteengine`` logger."""
@@ -991,32 +1172,38 @@ class _HttpServer(cheroot.wsgi.Server):
         log.log(level, "http server error", exc_info=traceback, extra=details)
 
 
-def refuse_insecure(config):
-    """Why the server must not start with ``config``, or ``None`` if it may."""
-    if config.insecure:
-        return None
-    return (
-        "TLS is not supported yet, so SERVER_CERT_FILE, SERVER_KEY_FILE and "
-        "CLIENT_CERT_FILE cannot be used; set SERVER_INSECURE=true to serve "
-        "plain HTTP"
-    )
-
-
-def serve(config):
+def serve(config, tls=None):
     """Run the server until SIGTERM or SIGINT; returns the exit code.
 
-    On a signal the engine's writer is closed first (flush, upload, close),
-    then the HTTP server stops.
+    ``tls`` is the context from ``server_tls_context``; ``None`` serves
+    plain HTTP. On a signal the engine's writer is closed first (flush,
+    upload, close), then the HTTP server stops.
     """
     masker = hooks.Masker()
-    configure_logging(config, masker)
-    engine = Engine(masker, config.shared_dir, config.deadlines, config.flush_interval)
+    console = configure_logging(config, masker)
+    engine = Engine(
+        masker,
+        config.shared_dir,
+        config.deadlines,
+        config.flush_interval,
+        stream_level=config.stream_level,
+        transport=config.transport,
+    )
+    if config.quiet:
+        console.addFilter(engine.console_filter)
     server = _HttpServer(
         config.bind,
         Api(engine).app,
         numthreads=SERVER_THREADS,
         server_name="liteengine",
     )
+    if tls is not None:
+        server.ssl_adapter = _TlsAdapter(tls)
+    else:
+        log.warning(
+            "serving plain HTTP without client certificates",
+            extra=hooks.fields(setting="SERVER_INSECURE"),
+        )
     try:
         server.prepare()
     except OSError as exc:
@@ -1025,7 +1212,11 @@ def serve(config):
     host, port = server.socket.getsockname()[:2]
     log.info(
         "server listening",
-        extra=hooks.fields(address=_join_host_port(host, port), version=__version__),
+        extra=hooks.fields(
+            address=_join_host_port(host, port),
+            scheme="https" if tls is not None else "http",
+            version=__version__,
+        ),
     )
     # The signal handlers stay quiet until the end: a second SIGTERM cannot
     # cut the final upload short, which is bounded by its deadlines anyway.
@@ -1113,23 +1304,81 @@ class ClientError(Exception):
     """The engine could not be reached or gave an unreadable answer."""
 
 
-def call(addr, method, path, body=None, timeout=60.0):
+def client_tls_context(ca_file, cert_file, key_file):
+    """A context that trusts only ``ca_file`` and presents ``cert_file``.
+
+    Raises ``ClientError`` naming the option and the file that cannot be used.
+    """
+    options = (("--ca", ca_file), ("--cert", cert_file), ("--key", key_file))
+    for option, path in options:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ClientError(
+                "%s %s cannot be read: %s (`liteengine.py certs` makes a set)"
+                % (option, path, exc.strerror or exc)
+            ) from None
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:
+        raise ClientError(
+            "--ca %s holds no PEM certificate: %s" % (ca_file, _tls_reason(exc))
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file, _no_password)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ClientError(
+            "--cert %s and --key %s are not a PEM certificate and its unencrypted "
+            "key: %s" % (cert_file, key_file, _tls_reason(exc))
+        ) from None
+    return context
+
+
+# Hints for the TLS failures a user of the client command meets first.
+_TLS_HINTS = {
+    "WRONG_VERSION_NUMBER": "is the engine serving plain HTTP? then use http://",
+    "CERTIFICATE_VERIFY_FAILED": "--ca must be the CA that signed the engine's "
+    "certificate, which must name the --addr host",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the engine wants a client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the engine does not trust the CA of --cert",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the engine refused --cert",
+}
+
+
+def call(addr, method, path, body=None, timeout=60.0, tls=None):
     """Send one request to the engine at ``addr``; returns ``(status, answer)``.
 
+    ``addr`` is an ``https://`` URL, with ``tls`` the context to use (see
+    ``client_tls_context``), or an ``http://`` one for an insecure engine.
     ``answer`` is the decoded JSON body. Raises ``ClientError`` with a
     one-line reason when the engine cannot be reached or answers non-JSON.
     """
     parts = urllib.parse.urlsplit(addr)
-    if parts.scheme != "http" or not parts.netloc:
-        raise ClientError("--addr must be an http:// URL (TLS is not supported yet)")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ClientError("--addr must be an https:// or http:// URL, not %r" % addr)
     data = None if body is None else json.dumps(body).encode("utf-8")
     headers = {"Content-Type": "application/json"} if data is not None else {}
     target = parts.path.rstrip("/") + path
-    connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(
+            parts.netloc, timeout=timeout, context=tls
+        )
+    else:
+        connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
     try:
         connection.request(method, target, body=data, headers=headers)
         response = connection.getresponse()
         raw = response.read()
+    except ssl.SSLError as exc:
+        reason = _tls_reason(exc)
+        hint = _TLS_HINTS.get(getattr(exc, "reason", None))
+        if isinstance(exc, ssl.SSLEOFError):
+            hint = "the engine hung up; does it trust the CA of --cert?"
+        reason += " (%s)" % hint if hint else ""
+        message = "TLS with the engine at %s failed: %s" % (addr, reason)
+        raise ClientError(message) from None
     except (OSError, http.client.HTTPException) as exc:
         raise ClientError("cannot reach the engine at %s: %s" % (addr, exc)) from None
     finally:
@@ -1166,7 +1415,14 @@ def run_client(args):
     else:
         method, path, body = "POST", "/destroy", {}
     try:
-        status, answer = call(args.addr, method, path, body, args.timeout)
+        tls = None
+        if urllib.parse.urlsplit(args.addr).scheme == "https":
+            tls = client_tls_context(
+                args.ca or os.path.join(DEFAULT_CERTS_DIR, "ca.pem"),
+                args.cert or os.path.join(DEFAULT_CERTS_DIR, "client.pem"),
+                args.key or os.path.join(DEFAULT_CERTS_DIR, "client-key.pem"),
+            )
+        status, answer = call(args.addr, method, path, body, args.timeout, tls)
     except ClientError as exc:
         print("liteengine: %s" % exc, file=sys.stderr)
         return 1
@@ -1177,6 +1433,242 @@ def run_client(args):
     message = message or "no error_msg"
     print("liteengine: HTTP %d: %s" % (status, message), file=sys.stderr)
     return 1
+
+
+# ------------------------------------------------------------ certificates
+
+
+DEFAULT_CERTS_DIR = "certs"
+CERT_FILES = (
+    "ca.pem",
+    "ca-key.pem",
+    "server.pem",
+    "server-key.pem",
+    "client.pem",
+    "client-key.pem",
+)
+
+# The extensions each certificate gets. Python's ssl (3.13 and later) insists
+# on a critical basicConstraints in the CA and key identifiers in the others.
+_OPENSSL_CONFIG = """\
+[req]
+distinguished_name = name
+[name]
+[ca_ext]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server_ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = %s
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client_ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+_LABEL = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+class CertsError(Exception):
+    """Certificates could not be made; the message says why."""
+
+
+def subject_alt_name(host):
+    """``host`` as a subjectAltName entry, ``IP:...`` or ``DNS:...``.
+
+    Raises ``ValueError`` when it is neither an IP address nor a DNS name.
+    """
+    try:
+        return "IP:%s" % ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    labels = host.lower().split(".")
+    if 0 < len(host) <= 253 and all(
+        0 < len(label) <= 63 and label.strip("-") == label and set(label) <= _LABEL
+        for label in labels
+    ):
+        return "DNS:" + host.lower()
+    raise ValueError("%r is neither an IP address nor a DNS name" % host)
+
+
+def default_hosts():
+    """``localhost``, ``127.0.0.1`` and this machine's name, when it is valid."""
+    hosts = ["localhost", "127.0.0.1"]
+    name = socket.gethostname()
+    try:
+        subject_alt_name(name)
+    except ValueError:
+        return hosts
+    return hosts if name.lower() in hosts else hosts + [name]
+
+
+def make_certs(folder, hosts, days=365, force=False):
+    """Write a new CA, a server and a client certificate, with keys, to ``folder``.
+
+    The server certificate names ``hosts``; both chain to the CA. Keys are
+    EC P-256 and only their owner may read them. Everything is made in a
+    scratch folder inside ``folder`` and moved in at the end, so a failure
+    leaves ``folder`` as it was. Returns the paths written. Raises
+    ``CertsError`` when openssl is missing or fails, or when files exist
+    and ``force`` is false.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise CertsError(
+            "the certs command runs the openssl command line tool, which is not "
+            "on PATH; install it (usually the package openssl) and try again"
+        )
+    names = ", ".join(subject_alt_name(host) for host in hosts)
+    targets = [os.path.join(folder, name) for name in CERT_FILES]
+    existing = [path for path in targets if os.path.lexists(path)]
+    if existing and not force:
+        raise CertsError(
+            "%s already exist; --force replaces them (and the engine and its "
+            "clients must then use the new ones)" % ", ".join(existing)
+        )
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".certs-", dir=folder)
+    try:
+        with open(os.path.join(scratch, "openssl.cnf"), "w", encoding="ascii") as file:
+            file.write(_OPENSSL_CONFIG % names)
+        _make_certs_in(openssl, scratch, hosts[0], str(days))
+        for name in CERT_FILES:
+            path = os.path.join(scratch, name)
+            os.chmod(path, 0o600 if name.endswith("-key.pem") else 0o644)
+            os.replace(path, os.path.join(folder, name))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return targets
+
+
+def _make_certs_in(openssl, folder, server_name, days):
+    """Run the openssl commands that fill ``folder`` (see ``make_certs``)."""
+
+    def run(*args):
+        try:
+            result = subprocess.run(
+                [openssl, *args],
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise CertsError("openssl %s failed: %s" % (args[0], exc)) from None
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines()[:3]
+            reason = "; ".join(lines) or "exit code %d" % result.returncode
+            raise CertsError("openssl %s failed: %s" % (args[0], reason))
+
+    for role in ("ca", "server", "client"):
+        run(
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-pkeyopt",
+            "ec_param_enc:named_curve",
+            "-out",
+            role + "-key.pem",
+        )
+    run(
+        "req",
+        "-new",
+        "-x509",
+        "-config",
+        "openssl.cnf",
+        "-extensions",
+        "ca_ext",
+        "-key",
+        "ca-key.pem",
+        "-subj",
+        "/CN=liteengine CA",
+        "-days",
+        days,
+        "-sha256",
+        "-out",
+        "ca.pem",
+    )
+    for role, subject in (("server", server_name), ("client", "liteengine client")):
+        run(
+            "req",
+            "-new",
+            "-config",
+            "openssl.cnf",
+            "-key",
+            role + "-key.pem",
+            "-subj",
+            "/CN=" + subject,
+            "-out",
+            role + ".csr",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            role + ".csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-set_serial",
+            "0x" + os.urandom(16).hex(),
+            "-days",
+            days,
+            "-sha256",
+            "-extfile",
+            "openssl.cnf",
+            "-extensions",
+            role + "_ext",
+            "-out",
+            role + ".pem",
+        )
+
+
+def run_certs(args, parser):
+    """Run the ``certs`` command; prints what to do next, returns the exit code."""
+    hosts = args.host or default_hosts()
+    for host in hosts:
+        try:
+            subject_alt_name(host)
+        except ValueError as exc:
+            parser.error("--host: %s" % exc)
+    if not 1 <= args.days <= 36500:
+        parser.error("--days must be between 1 and 36500")
+    try:
+        make_certs(args.dir, hosts, args.days, args.force)
+    except (CertsError, OSError) as exc:
+        print("liteengine: error: %s" % exc, file=sys.stderr)
+        return 1
+    folder = os.path.abspath(args.dir)
+    client = "liteengine.py client"
+    if folder != os.path.abspath(DEFAULT_CERTS_DIR):
+        client += " --ca %s --cert %s --key %s" % tuple(
+            os.path.join(args.dir, name)
+            for name in ("ca.pem", "client.pem", "client-key.pem")
+        )
+    print(
+        "Wrote a CA, a server certificate for %s and a client certificate to %s,"
+        " valid %d days; only you can read the keys."
+        % (", ".join(hosts), folder, args.days)
+    )
+    print("Serve HTTPS with them:")
+    print("  export SERVER_CERT_FILE=%s" % os.path.join(folder, "server.pem"))
+    print("  export SERVER_KEY_FILE=%s" % os.path.join(folder, "server-key.pem"))
+    print("  export CLIENT_CERT_FILE=%s" % os.path.join(folder, "ca.pem"))
+    print("  liteengine.py server")
+    print("Then, from this folder:")
+    print("  %s health" % client)
+    return 0
 
 
 # ------------------------------------------------------------ command line
@@ -1208,22 +1700,73 @@ def _git_commit():
 
 
 def build_parser():
-    """The command-line parser for ``server``, ``client`` and ``--version``."""
+    """The command-line parser for ``server``, ``client``, ``certs``, ``--version``."""
     parser = argparse.ArgumentParser(
         prog="liteengine", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--version", action="store_true", help="print the version")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    server = commands.add_parser("server", help="serve the engine's HTTP API")
+    server = commands.add_parser(
+        "server",
+        help="serve the engine's HTTP API",
+        description="Serve HTTPS that only answers callers with a client "
+        "certificate from the CA in CLIENT_CERT_FILE; the server's own are "
+        "SERVER_CERT_FILE and SERVER_KEY_FILE. SERVER_INSECURE=true serves "
+        "plain HTTP to anyone instead, for local trials only.",
+    )
     server.add_argument(
         "--env-file",
         help="KEY=VALUE lines read before the environment (which wins)",
     )
 
+    certs = commands.add_parser(
+        "certs",
+        help="make certificates for trying secure mode",
+        description="Write a new CA (ca.pem, ca-key.pem), a server certificate "
+        "(server.pem, server-key.pem) and a client certificate (client.pem, "
+        "client-key.pem) with the openssl command line tool. Keys are readable "
+        "by their owner only.",
+    )
+    certs.add_argument(
+        "--dir",
+        default=DEFAULT_CERTS_DIR,
+        help="folder to write to, made if missing (default: ./%(default)s)",
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP address the server certificate is for (repeatable;"
+        " default: localhost, 127.0.0.1 and this machine's host name)",
+    )
+    certs.add_argument(
+        "--days", type=int, default=365, help="validity (default: %(default)s)"
+    )
+    certs.add_argument(
+        "--force", action="store_true", help="replace certificates already there"
+    )
+
     client = commands.add_parser("client", help="drive a running engine")
-    client.add_argument("--addr", default=DEFAULT_ADDR, help="engine URL")
+    client.add_argument(
+        "--addr",
+        default=DEFAULT_ADDR,
+        help="engine URL (default: %(default)s; http:// for an engine with "
+        "SERVER_INSECURE=true)",
+    )
     client.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    for option, name, what in (
+        ("--ca", "ca.pem", "CA that signed the engine's certificate"),
+        ("--cert", "client.pem", "client certificate"),
+        ("--key", "client-key.pem", "key of the client certificate"),
+    ):
+        client.add_argument(
+            option,
+            metavar="FILE",
+            help="%s, for https:// (default: ./%s)"
+            % (what, os.path.join(DEFAULT_CERTS_DIR, name)),
+        )
     actions = client.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("health", help="GET /healthz")
     actions.add_parser("destroy", help="POST /destroy")
@@ -1252,24 +1795,23 @@ def main(argv=None):
         return 0
     if args.command == "client":
         return run_client(args)
+    if args.command == "certs":
+        return run_certs(args, parser)
     if args.command != "server":
         parser.print_usage(sys.stderr)
         return 2
     try:
         config = Config.from_env(load_environment(args.env_file))
+        tls = None if config.insecure else server_tls_context(config)
     except (OSError, ValueError) as exc:
         print("liteengine: error: %s" % exc, file=sys.stderr)
-        return 2
-    refusal = refuse_insecure(config)
-    if refusal:
-        print("liteengine: error: %s" % refusal, file=sys.stderr)
         return 2
     try:
         os.makedirs(config.shared_dir, exist_ok=True)
     except OSError as exc:
         print("liteengine: error: shared folder not created: %s" % exc, file=sys.stderr)
         return 2
-    return serve(config)
+    return serve(config, tls)
 
 
 if __name__ == "__main__":

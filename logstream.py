@@ -8,22 +8,26 @@ Three pieces, one idea each:
 - ``LiveWriter`` takes one key's lines from any thread, batches them to the
   service about once a second, keeps a capped history, and at close uploads
   that history and closes the stream.
-- ``LogConfig`` and ``Deadlines`` are the settings both of them read.
+- ``LogConfig``, ``Deadlines`` and ``Transport`` are the settings they read.
 
 Everything this module logs goes to the ``logstream`` logger, which the
 streaming handler never streams back (see hooks.py).
 """
 
+import base64
+import binascii
 import collections
 import contextlib
 import dataclasses
 import http.client
+import ipaddress
 import itertools
 import json
 import logging
 import functools
 import os
 import ssl
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -71,6 +75,7 @@ class LogConfig:
     """Where one key's lines go and how, as the runner's ``log_config`` says.
 
     An empty ``url`` means there is no log service: lines go to local files.
+    ``mtls_config`` is the client certificate to present, or ``None``.
     """
 
     url: str = ""
@@ -80,13 +85,15 @@ class LogConfig:
     trim_new_line_suffix: bool = False
     skip_opening_stream: bool = False
     skip_closing_stream: bool = False
+    mtls_config: "ClientCert" = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_json(cls, obj, name="log_config"):
         """Read a decoded JSON object; ``None`` gives the defaults.
 
         Raises ``ValueError`` naming the field when a field has the wrong
-        type. Unknown fields are ignored.
+        type, or when ``mtls_config`` cannot be used (see ``ClientCert``).
+        Unknown fields are ignored.
         """
         if obj is None:
             return cls()
@@ -95,17 +102,109 @@ class LogConfig:
         values = {}
         for field in dataclasses.fields(cls):
             value = obj.get(field.name)
-            if value is None:
+            if value is None or field.type not in (str, bool):
                 continue
             if not isinstance(value, field.type):
                 kind = "a string" if field.type is str else "a boolean"
                 raise ValueError("%s.%s must be %s" % (name, field.name, kind))
             values[field.name] = value
         url = values.get("url", "").rstrip("/")
-        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        if url and not _is_http_url(url):
             raise ValueError("%s.url must be an http or https URL" % name)
         values["url"] = url
+        values["mtls_config"] = ClientCert.from_json(
+            obj.get("mtls_config"), name + ".mtls_config"
+        )
         return cls(**values)
+
+
+def _is_http_url(url):
+    """True for an http or https URL with a host and a valid port, if any."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _no_password():
+    # Called by ssl only for an encrypted key; without it OpenSSL would
+    # prompt on the terminal.
+    raise ValueError("encrypted keys are not supported")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientCert:
+    """A client certificate and its key, PEM, to present to a log service.
+
+    The runner sends both base64-encoded in ``log_config.mtls_config``.
+    Neither shows in a repr or in any message. Equal certificates compare
+    equal, so TLS contexts can be cached per certificate.
+    """
+
+    cert_pem: bytes = dataclasses.field(repr=False)
+    key_pem: bytes = dataclasses.field(repr=False)
+
+    @classmethod
+    def from_json(cls, obj, name="mtls_config"):
+        """Read ``{"client_cert": ..., "client_cert_key": ...}``.
+
+        Returns ``None`` when the object is absent or both fields are empty.
+        Raises ``ValueError`` naming the field that is missing, not base64
+        or not PEM, or saying that the two do not belong together.
+        """
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise ValueError("%s must be an object" % name)
+        fields = (
+            ("client_cert", "CERTIFICATE-----"),
+            ("client_cert_key", "PRIVATE KEY-----"),
+        )
+        texts = {}
+        for field, _ in fields:
+            value = obj.get(field)
+            if value is not None and not isinstance(value, str):
+                raise ValueError("%s.%s must be a string" % (name, field))
+            texts[field] = "".join((value or "").split())
+        if not any(texts.values()):
+            return None
+        pems = {}
+        for field, marker in fields:
+            where = "%s.%s" % (name, field)
+            if not texts[field]:
+                raise ValueError("%s is missing" % where)
+            try:
+                pem = base64.b64decode(texts[field], validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("%s is not base64" % where) from None
+            if b"-----BEGIN " not in pem or marker.encode() not in pem:
+                raise ValueError("%s is not base64 of a PEM %s" % (where, marker[:-5]))
+            pems[field] = pem
+        cert = cls(pems["client_cert"], pems["client_cert_key"])
+        try:
+            cert.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ValueError(
+                "%s: client_cert and client_cert_key are not a certificate and its "
+                "unencrypted key (%s)" % (name, getattr(exc, "reason", None) or exc)
+            ) from None
+        return cert
+
+    def load_into(self, context):
+        """Make ``context`` present this certificate.
+
+        ``ssl`` reads certificates only from files, so both go to a temporary
+        file that only this user can read, deleted as soon as it is loaded.
+        """
+        handle, path = tempfile.mkstemp(prefix="liteengine-", suffix=".pem")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(self.cert_pem.rstrip(b"\n") + b"\n" + self.key_pem)
+            context.load_cert_chain(path, password=_no_password)
+        finally:
+            os.unlink(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +237,217 @@ class Deadlines:
                 raise ValueError("%s must be a positive number of seconds" % name)
             values[field.name] = seconds
         return cls(**values)
+
+
+PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transport:
+    """How connections to log services are made: whom to trust, which proxy.
+
+    Servers are verified against certifi's bundle and the system's, plus
+    the CAs in ``ca_file``; ``skip_verify`` turns verification off and is
+    warned about every time a client is made with it. ``proxy_env`` holds
+    the proxy variables as ``(name, value)`` pairs; it stays out of the
+    repr, since a proxy URL may carry a password.
+    """
+
+    ca_file: str = ""
+    skip_verify: bool = False
+    proxy_env: tuple = dataclasses.field(default=(), repr=False)
+
+    @classmethod
+    def from_env(cls, environ):
+        """Read LE_LOG_CA_FILE, LE_LOG_SKIP_VERIFY and the proxy variables.
+
+        Raises ``ValueError`` naming the variable when LE_LOG_CA_FILE holds
+        no readable PEM certificate or LE_LOG_SKIP_VERIFY is not a boolean.
+        """
+        ca_file = environ.get("LE_LOG_CA_FILE", "").strip()
+        if ca_file:
+            try:
+                ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    "LE_LOG_CA_FILE=%s holds no readable PEM certificate: %s"
+                    % (ca_file, getattr(exc, "strerror", None) or exc)
+                ) from None
+        skip = environ.get("LE_LOG_SKIP_VERIFY", "").strip().lower()
+        if skip not in ("", "0", "f", "false", "1", "t", "true"):
+            raise ValueError("LE_LOG_SKIP_VERIFY must be true or false")
+        return cls(
+            ca_file=ca_file,
+            skip_verify=skip in ("1", "t", "true"),
+            proxy_env=_proxy_pairs(environ),
+        )
+
+    def with_envs(self, envs):
+        """This transport with the proxy variables in ``envs`` laid over.
+
+        ``envs`` is a stage's setup ``envs``; its variables win over the
+        engine's own, as they do in the runner's other engines.
+        """
+        merged = dict(self.proxy_env)
+        merged.update(_proxy_pairs(envs or {}))
+        return dataclasses.replace(self, proxy_env=tuple(sorted(merged.items())))
+
+    def secrets(self):
+        """The passwords in the proxy variables, as written and decoded.
+
+        Steps see these variables too, so they belong in the masker.
+        """
+        found = set()
+        for _, value in self.proxy_env:
+            text = value if "://" in value else "http://" + value
+            password = urllib.parse.urlsplit(text).password
+            if password:
+                found.update((password, urllib.parse.unquote(password)))
+        return tuple(sorted(found))
+
+    def tls_context(self, client_cert=None):
+        """The client TLS context to use, presenting ``client_cert`` if given."""
+        return _tls_context(self.ca_file, self.skip_verify, client_cert)
+
+    def proxy_for(self, scheme, host, port):
+        """The proxy that reaches ``host:port``, or ``None`` to go direct.
+
+        HTTPS targets use HTTPS_PROXY, plain ones HTTP_PROXY; the upper-case
+        name wins when both are set. ``localhost``, loopback addresses and
+        the targets NO_PROXY names go direct. Raises ``LogServiceError``, not
+        retryable, when the proxy setting cannot be used.
+        """
+        env = dict(self.proxy_env)
+        if scheme == "https":
+            name, value = _first_set(env, "HTTPS_PROXY", "https_proxy")
+        else:
+            name, value = _first_set(env, "HTTP_PROXY", "http_proxy")
+        if not value:
+            return None
+        if _bypasses_proxy(host, port, _first_set(env, "NO_PROXY", "no_proxy")[1]):
+            return None
+        return _Proxy.parse(name, value)
+
+
+def _proxy_pairs(environ):
+    return tuple(
+        sorted((name, environ[name]) for name in PROXY_VARIABLES if name in environ)
+    )
+
+
+def _first_set(env, *names):
+    """The first of ``names`` set to something in ``env``, with its value."""
+    for name in names:
+        value = env.get(name, "").strip()
+        if value:
+            return name, value
+    return None, ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Proxy:
+    """An HTTP proxy: where it listens, and the Proxy-Authorization it wants."""
+
+    host: str
+    port: int
+    authorization: str = dataclasses.field(default="", repr=False)
+
+    @classmethod
+    def parse(cls, name, value):
+        """Read the proxy URL in variable ``name``; a bare ``host:port`` is HTTP.
+
+        Messages name the variable, never its value, which may hold a password.
+        """
+        parts = urllib.parse.urlsplit(value if "://" in value else "http://" + value)
+        try:
+            port = parts.port or 80
+        except ValueError:
+            port = None
+        if parts.scheme.lower() != "http":
+            raise LogServiceError(
+                "%s names a %s proxy; only http:// proxies are supported"
+                % (name, parts.scheme),
+                retryable=False,
+            )
+        if not parts.hostname or port is None:
+            raise LogServiceError(
+                "%s is not a proxy URL like http://host:port" % name, retryable=False
+            )
+        authorization = ""
+        if parts.username is not None:
+            pair = "%s:%s" % (
+                urllib.parse.unquote(parts.username),
+                urllib.parse.unquote(parts.password or ""),
+            )
+            authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        return cls(parts.hostname, port, authorization)
+
+
+def _bypasses_proxy(host, port, no_proxy):
+    """True when ``host:port`` is reached directly rather than via a proxy.
+
+    Like Go's net/http: loopback targets always go direct, and NO_PROXY is
+    a comma-separated list of ``*`` (everything), IP addresses, CIDR
+    ranges, and domains (``example.com`` covers its subdomains too,
+    ``.example.com`` and ``*.example.com`` only the subdomains), each
+    optionally with ``:port``.
+    """
+    host = host.lower()
+    address = _ip(host)
+    if host == "localhost" or (address is not None and address.is_loopback):
+        return True
+    for entry in no_proxy.lower().split(","):
+        entry = entry.strip()
+        if entry == "*":
+            return True
+        if "/" in entry:
+            try:
+                network = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                continue
+            if address is not None and address in network:
+                return True
+            continue
+        name, entry_port = _split_no_proxy_entry(entry)
+        if not name or (entry_port and entry_port != str(port)):
+            continue
+        if _ip(name) is not None:
+            if _ip(name) == address:
+                return True
+            continue
+        if name.startswith("*."):
+            name = name[1:]
+        if name.startswith("."):
+            if host.endswith(name):
+                return True
+        elif host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def _split_no_proxy_entry(entry):
+    """``(host, port)`` of a NO_PROXY entry; the port is ``""`` when absent."""
+    if entry.startswith("["):
+        name, _, rest = entry[1:].partition("]")
+        return name, rest[1:] if rest.startswith(":") else ""
+    if entry.count(":") == 1:
+        name, _, port = entry.partition(":")
+        return name, port
+    return entry, ""
+
+
+def _ip(text):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------ retry policy
@@ -231,21 +541,35 @@ def truncate(out, limit=LINE_LIMIT):
 # ---------------------------------------------------------------- clients
 
 
-def new_client(config, store_dir, deadlines):
-    """The client ``config`` asks for: HTTP to its URL, else the local store."""
+def new_client(config, store_dir, deadlines, transport=None):
+    """The client ``config`` asks for: HTTP to its URL, else the local store.
+
+    ``transport`` says whom to trust and which proxy to use; by default
+    certifi's bundle and no proxy.
+    """
     if config.url:
-        return HTTPClient(config, deadlines)
+        return HTTPClient(config, deadlines, transport)
     return FileStore(store_dir)
 
 
-@functools.lru_cache(maxsize=None)
-def _tls_context():
-    """A client context that verifies servers against certifi's bundle."""
+@functools.lru_cache(maxsize=32)
+def _tls_context(ca_file="", skip_verify=False, client_cert=None):
+    """A client context that verifies servers, one per distinct setting.
+
+    Trusted: certifi's bundle, the system's CAs and those in ``ca_file``.
+    """
     import certifi
 
     context = ssl.create_default_context()
     context.load_verify_locations(cadata=certifi.contents())
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if client_cert is not None:
+        client_cert.load_into(context)
     return context
 
 
@@ -256,20 +580,30 @@ class HTTPClient:
     connection errors are retried inside it with exponential backoff, 4xx
     answers are not. A call that fails for good raises ``LogServiceError``.
     ``retries`` counts the tries beyond the first, for the writer's figures.
+    Whom it trusts and which proxy it goes through come from ``transport``.
 
     Locking: ``_lock`` guards the connection and is held for a whole call,
     network included, so calls from several threads go one at a time.
     """
 
-    def __init__(self, config, deadlines):
+    def __init__(self, config, deadlines, transport=None):
         parts = urllib.parse.urlsplit(config.url)
         self._scheme = parts.scheme
         self._netloc = parts.netloc
         self._prefix = parts.path.rstrip("/")
         self._config = config
         self._deadlines = deadlines
-        self._tls = _tls_context() if parts.scheme == "https" else None
+        self._transport = transport or Transport()
+        self._tls = None
+        if parts.scheme == "https":
+            self._tls = self._transport.tls_context(config.mtls_config)
+            if self._transport.skip_verify:
+                fields = {"host": parts.hostname, "setting": "LE_LOG_SKIP_VERIFY"}
+                log.warning(
+                    "log service certificate not verified", extra={"fields": fields}
+                )
         self._conn = None
+        self._route = ("", {})
         self._lock = threading.Lock()
         self.retries = 0
 
@@ -307,7 +641,9 @@ class HTTPClient:
         target = parts.path + ("?" + parts.query if parts.query else "")
         with self._lock:
             self._with_retry(
-                lambda timeout: _one_shot(parts, target, body, self._tls, timeout),
+                lambda timeout: _one_shot(
+                    parts, target, body, self._tls, self._transport, timeout
+                ),
                 retry,
                 "upload by link",
             )
@@ -348,7 +684,8 @@ class HTTPClient:
                     retryable=status >= 500,
                 )
             except (OSError, http.client.HTTPException) as exc:
-                error = LogServiceError("%s failed: %s" % (what, _describe(exc)))
+                message = "%s failed: %s" % (what, _describe(exc))
+                error = LogServiceError(message, retryable=not _tls_refused(exc))
             following = retry.next() if error.retryable else None
             if following is None:
                 raise error
@@ -360,13 +697,19 @@ class HTTPClient:
     def _send(self, method, target, body, headers, timeout):
         """One request on the kept connection; drops the connection on error."""
         if self._conn is None:
-            self._conn = _connection(self._scheme, self._netloc, self._tls, timeout)
+            self._conn, prefix, proxy_headers = _connection(
+                self._scheme, self._netloc, self._tls, self._transport, timeout
+            )
+            self._route = (prefix, proxy_headers)
         conn = self._conn
+        prefix, proxy_headers = self._route
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
         try:
-            conn.request(method, target, body=body, headers=headers)
+            conn.request(
+                method, prefix + target, body=body, headers={**headers, **proxy_headers}
+            )
             response = conn.getresponse()
             data = response.read()
         except BaseException:
@@ -379,22 +722,64 @@ class HTTPClient:
         return response.status, data
 
 
-def _connection(scheme, netloc, tls, timeout):
-    if scheme == "https":
-        return http.client.HTTPSConnection(netloc, timeout=timeout, context=tls)
-    return http.client.HTTPConnection(netloc, timeout=timeout)
+def _connection(scheme, netloc, tls, transport, timeout):
+    """A connection to ``netloc``, through a proxy when ``transport`` says so.
 
-
-def _one_shot(parts, target, body, tls, timeout):
-    """PUT ``body`` on a connection of its own, closed afterwards."""
-    conn = _connection(parts.scheme, parts.netloc, tls, timeout)
+    Returns ``(connection, prefix, headers)``: each request on it goes to
+    ``prefix + target`` with ``headers`` added. Both are empty except for
+    plain HTTP through a proxy, which takes the absolute URL and the proxy's
+    credentials on every request. HTTPS goes through a CONNECT tunnel that
+    carries the credentials, and the certificate is checked against the
+    target's name, never the proxy's.
+    """
+    parts = urllib.parse.urlsplit("//" + netloc)
     try:
-        conn.request("PUT", target, body=body)
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        raise LogServiceError("bad port in %s" % netloc, retryable=False) from None
+    proxy = transport.proxy_for(scheme, parts.hostname or "", port)
+    if proxy is None:
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=tls)
+        else:
+            conn = http.client.HTTPConnection(netloc, timeout=timeout)
+        return conn, "", {}
+    credentials = {}
+    if proxy.authorization:
+        credentials["Proxy-Authorization"] = proxy.authorization
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(
+            proxy.host, proxy.port, timeout=timeout, context=tls
+        )
+        conn.set_tunnel(parts.hostname, port, headers=credentials)
+        return conn, "", {}
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
+    return conn, "http://" + netloc, credentials
+
+
+def _one_shot(parts, target, body, tls, transport, timeout):
+    """PUT ``body`` on a connection of its own, closed afterwards."""
+    conn, prefix, headers = _connection(
+        parts.scheme, parts.netloc, tls, transport, timeout
+    )
+    try:
+        conn.request("PUT", prefix + target, body=body, headers=headers)
         response = conn.getresponse()
         response.read()
         return response.status, b""
     finally:
         conn.close()
+
+
+def _tls_refused(exc):
+    """True for a TLS failure that no retry can fix.
+
+    Either the service's certificate does not verify, or the service sent an
+    alert refusing ours (none, or one it does not trust).
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    return isinstance(exc, ssl.SSLError) and "ALERT" in (exc.reason or "")
 
 
 def _describe(exc):

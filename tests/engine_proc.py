@@ -1,4 +1,10 @@
-"""Start the real ``liteengine.py server`` as a child process for tests.
+"""Start the real engine server as a child process for tests.
+
+The engine under test is the source tree's ``liteengine.py`` unless the
+environment variable LE_ENGINE names a built zipapp; then that file runs with
+``-S -E`` (no site-packages, no PYTHON* variables), so the same tests check
+the shipped artifact. Either way the child starts in an empty folder of its
+own. ``engine_command`` builds the command line for every such child.
 
 ``EngineProcess`` runs the server on a free loopback port with its shared
 folder in a fresh temporary directory, reads the port from the ``server
@@ -21,7 +27,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "liteengine.py"
 
+# The zipapp under test, or None for the source tree. Resolved once, against
+# the folder the tests were started from.
+PYZ = os.path.abspath(os.environ["LE_ENGINE"]) if os.environ.get("LE_ENGINE") else None
+
+
+def engine_command(*args):
+    """Return the command line that runs the engine under test with ``args``.
+
+    The interpreter is this one. With LE_ENGINE set, the zipapp it names runs
+    with ``-S -E``; otherwise ``liteengine.py`` from the source tree. Raises
+    ``FileNotFoundError`` if LE_ENGINE names no file, so a missing build fails
+    every test that needs it instead of testing the source by mistake.
+    """
+    if PYZ is None:
+        return [sys.executable, str(SCRIPT), *args]
+    if not os.path.isfile(PYZ):
+        raise FileNotFoundError("LE_ENGINE names no file: %s" % PYZ)
+    return [sys.executable, "-S", "-E", PYZ, *args]
+
+
 _ADDRESS = re.compile(r'msg="server listening".*\baddress="?([^"\s]+)"?')
+_SCHEME = re.compile(r'msg="server listening".*\bscheme=(https?)\b')
 
 
 class EngineProcess:
@@ -30,10 +57,14 @@ class EngineProcess:
     ``env_overrides`` is applied over the test's environment and the
     defaults (SERVER_INSECURE=true, HTTPS_BIND=127.0.0.1:0, HARNESS_WORKDIR
     in a temporary directory); a value of ``None`` removes that variable.
+    Overrides that remove SERVER_INSECURE and name the certificate files
+    make it serve HTTPS; ``url`` then starts with ``https://``.
     """
 
     def __init__(self, env_overrides=None, args=()):
         self.workdir = tempfile.mkdtemp(prefix="liteengine-test-")
+        # Kept apart from workdir, whose contents some tests list.
+        self.cwd = tempfile.mkdtemp(prefix="liteengine-cwd-")
         self.env = dict(os.environ)
         self.env.update(
             SERVER_INSECURE="true",
@@ -65,8 +96,8 @@ class EngineProcess:
         silent for ``timeout`` seconds.
         """
         self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "server", *self.args],
-            cwd=str(ROOT),
+            engine_command("server", *self.args),
+            cwd=self.cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -79,7 +110,9 @@ class EngineProcess:
             self.kill()
             lines = "".join(self.stderr_lines())
             raise RuntimeError("engine did not start:\n" + lines)
-        self.url = "http://" + _ADDRESS.search(line).group(1)
+        scheme = _SCHEME.search(line)
+        address = _ADDRESS.search(line).group(1)
+        self.url = "%s://%s" % (scheme.group(1) if scheme else "http", address)
         return self
 
     def stderr_lines(self):
@@ -131,9 +164,10 @@ class EngineProcess:
         self._finish()
 
     def cleanup(self):
-        """Stop the process if needed and remove its temporary directory."""
+        """Stop the process if needed and remove its temporary directories."""
         self.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(self.cwd, ignore_errors=True)
 
     def _finish(self):
         if self._reader is not None:

@@ -1,7 +1,9 @@
 """The engine's HTTP API and command line, against the real server process.
 
 No log service is involved: ``/setup`` without a ``log_config.url`` streams
-to the local file store, whose contents are tested elsewhere.
+to the local file store, whose contents are tested elsewhere. Every engine
+here is started through ``tests.engine_proc``, so LE_ENGINE switches all of
+them to the built zipapp; nothing imports the engine's modules.
 """
 
 import http.client
@@ -9,18 +11,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
 import urllib.parse
-import wsgiref.util
 
-from tests.engine_proc import ROOT, SCRIPT, EngineProcess
-
-sys.path.insert(0, str(ROOT))
-
-import liteengine  # noqa: E402
+from tests.engine_proc import EngineProcess, engine_command
 
 LIMIT = 10 * 1024 * 1024
 TOKEN = "tok-never-logged-7f3a"
@@ -59,15 +55,19 @@ def raw_exchange(url, data):
 
 
 def run_cli(*args, env=None):
-    """Run ``liteengine.py`` with ``args``; returns the finished process."""
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=str(ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    """Run the engine under test with ``args`` from an empty folder.
+
+    Returns the finished process.
+    """
+    with tempfile.TemporaryDirectory(prefix="liteengine-cwd-") as empty:
+        return subprocess.run(
+            engine_command(*args),
+            cwd=empty,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
 
 def closed_port():
@@ -236,35 +236,8 @@ class ApiTest(unittest.TestCase):
         self.assertHealthy()
 
 
-class BrokenEngine:
-    """An engine whose every call fails, as a bug of ours would."""
-
-    def setup(self, request):
-        """Fail."""
-        raise RuntimeError("engine bug")
-
-    def destroy(self):
-        """Fail."""
-        raise RuntimeError("engine bug")
-
-
-class InternalErrorTest(unittest.TestCase):
-    """Our own failures answer 500 "internal error"; details stay in the log."""
-
-    def test_engine_failure_is_json_500(self):
-        app = liteengine.Api(BrokenEngine()).app
-        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/destroy"}
-        wsgiref.util.setup_testing_defaults(environ)
-        started = []
-        with self.assertLogs("liteengine", "ERROR") as logs:
-            body = b"".join(app(environ, lambda *args: started.append(args)))
-        self.assertEqual(started[0][0], "500 Internal Server Error")
-        self.assertEqual(json.loads(body), {"error_msg": "internal error"})
-        self.assertIn("engine bug", "\n".join(logs.output))
-
-
 class ClientCommandTest(unittest.TestCase):
-    """``liteengine.py client`` against a running server."""
+    """The ``client`` command against a running server."""
 
     @classmethod
     def setUpClass(cls):
@@ -314,9 +287,16 @@ class ClientCommandTest(unittest.TestCase):
 class ProcessTest(unittest.TestCase):
     """Starting, refusing to start, stopping, and the version."""
 
-    def test_refuses_plain_http_without_server_insecure(self):
+    def test_refuses_to_start_without_certificates_or_server_insecure(self):
+        # Secure mode itself is tested in test_tls.
         env = dict(os.environ, HTTPS_BIND="127.0.0.1:0")
-        env.pop("SERVER_INSECURE", None)
+        for name in (
+            "SERVER_INSECURE",
+            "SERVER_CERT_FILE",
+            "SERVER_KEY_FILE",
+            "CLIENT_CERT_FILE",
+        ):
+            env.pop(name, None)
         with tempfile.TemporaryDirectory() as workdir:
             env["HARNESS_WORKDIR"] = workdir
             result = run_cli("server", env=env)
@@ -356,7 +336,9 @@ class ProcessTest(unittest.TestCase):
     def test_version(self):
         result = run_cli("--version")
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertRegex(result.stdout, r"^liteengine 0\.1\.0 \([0-9a-z]+\)\n$")
+        # A build from a tree with uncommitted changes says "<commit>-dirty".
+        commit = r"([0-9a-f]{7,40}(-dirty)?|unknown)"
+        self.assertRegex(result.stdout, r"^liteengine 0\.1\.0 \(%s\)\n$" % commit)
 
 
 if __name__ == "__main__":
