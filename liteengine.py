@@ -507,7 +507,11 @@ class Step:
             log.exception("step failed to run", extra=hooks.fields(id=self.request.id))
             self.exit_code, self.error = 255, "step failed to run: %s" % exc
         finally:
-            counters = self._writer.close()
+            try:
+                counters = self._writer.close()
+            except Exception:
+                log.exception("step log not closed", extra=hooks.fields(id=self.request.id))
+                counters = {}
             self._metrics.closed("step", self._writer, counters)
             log.info(
                 "step finished",
@@ -942,7 +946,11 @@ class Api:
 
     def destroy(self):
         """End the stage; the body is read only to refuse a malformed one."""
-        read_json_object(bottle.request.environ)
+        body = read_json_object(bottle.request.environ)
+        try:
+            _optional(body, "stage_runtime_id", str, "a string")
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
         self._engine.destroy()
         return {}
 
@@ -1089,6 +1097,32 @@ _PLAIN_HTTP_ANSWER = json.dumps(
 ).encode("ascii")
 
 
+class _JsonErrorRequest(cheroot.server.HTTPRequest):
+    """cheroot's request, answering in JSON the errors it finds by itself.
+
+    A request cheroot cannot read (request line, headers, transfer coding)
+    is the caller's fault, so such answers are 400 even where cheroot would
+    say 5xx.
+    """
+
+    def simple_response(self, status, msg=""):
+        """Answer ``status`` with ``{"error_msg": msg}`` and close."""
+        status = str(status)
+        if not self.ready and status.startswith("5"):
+            status = "400 Bad Request"
+        body = json.dumps({"error_msg": msg or status[4:]}).encode("utf-8")
+        self.close_connection = True
+        head = (
+            "%s %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            "Connection: close\r\n\r\n" % (self.server.protocol, status, len(body))
+        )
+        try:
+            self.conn.wfile.write(head.encode("ISO-8859-1") + body)
+        except OSError as exc:
+            if exc.args[0] not in cheroot.errors.socket_errors_to_ignore:
+                raise
+
+
 class _Connection(cheroot.server.HTTPConnection):
     """One caller's connection; over TLS it shakes hands on its first turn.
 
@@ -1099,6 +1133,7 @@ class _Connection(cheroot.server.HTTPConnection):
     caller speaking plain HTTP is also answered 400 in plain HTTP.
     """
 
+    RequestHandlerClass = _JsonErrorRequest
     _handshake_done = False
 
     def communicate(self):

@@ -659,7 +659,14 @@ class HTTPClient:
         """One protocol call, retried; returns the answer's body."""
         query = {"accountID": self._config.account_id, "key": key}
         query.update(extra or {})
-        target = self._prefix + path + "?" + urllib.parse.urlencode(query)
+        try:
+            target = self._prefix + path + "?" + urllib.parse.urlencode(query)
+        except UnicodeEncodeError:
+            raise LogServiceError(
+                "%s %s refused: the key or account is not valid Unicode"
+                % (method, path),
+                retryable=False,
+            ) from None
         headers = {"X-Harness-Token": self._config.token}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -686,6 +693,14 @@ class HTTPClient:
             except (OSError, http.client.HTTPException) as exc:
                 message = "%s failed: %s" % (what, _describe(exc))
                 error = LogServiceError(message, retryable=not _tls_refused(exc))
+            except ValueError as exc:
+                # A token, key or host no request can carry. The message may
+                # quote the token, so only the kind of error is kept.
+                error = LogServiceError(
+                    "%s refused: the token, key or address cannot be sent (%s)"
+                    % (what, type(exc).__name__),
+                    retryable=False,
+                )
             following = retry.next() if error.retryable else None
             if following is None:
                 raise error
@@ -850,6 +865,10 @@ def _bad_key(key):
     """Why ``key`` cannot name a file in the store, or ``None`` if it can."""
     if not key:
         return "it is empty"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid Unicode"
     if any(ord(char) < 32 or ord(char) == 127 for char in key):
         return "it holds control characters"
     if key.startswith(("/", "\\")) or os.path.isabs(key):
@@ -985,12 +1004,17 @@ class LiveWriter:
         if timer is not None:
             timer.cancel()
         with self._send_lock, _machinery_at_work():
-            self._flush()
-            if not self._config.skip_closing_stream:
-                if not self._config.skip_opening_stream:
-                    self._upload()
-                self._close_stream()
-            self._client.disconnect()
+            try:
+                self._flush()
+                if not self._config.skip_closing_stream:
+                    if not self._config.skip_opening_stream:
+                        self._upload()
+                    self._close_stream()
+                self._client.disconnect()
+            except Exception:
+                # The clients turn every failure into LogServiceError; this
+                # only keeps a bug of ours from reaching the caller.
+                log.exception("log writer not closed", extra={"fields": {"key": self.key}})
         return self.stats()
 
     def _arm(self, delay):
@@ -1005,7 +1029,11 @@ class LiveWriter:
                 self._timer = None
                 if self._closed:
                     return
-            self._flush()
+            try:
+                self._flush()
+            except Exception:
+                self._failing = True
+                log.exception("log stream flush failed", extra={"fields": {"key": self.key}})
             with self._lock:
                 behind = self._pending or self._live_pos < self._next_pos
                 if behind and self._live and not self._closed and self._timer is None:

@@ -605,3 +605,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         """Stay quiet; the test reads ``requests()`` instead."""
+
+
+# ---------------------------------------------------------------------------
+# A port that takes connections and never answers
+# ---------------------------------------------------------------------------
+
+
+class SilentListener:
+    """A loopback port whose kernel completes connections nobody ever serves.
+
+    The socket listens but is never accepted from or read, so a client's
+    connect succeeds and its request then waits for an answer that never
+    comes: the "accepts but never answers" service. ``url`` is its address;
+    ``close()`` (or ``with``) frees the port.
+    """
+
+    def __init__(self, backlog=64):
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(backlog)
+        self.url = "http://127.0.0.1:%d" % self._socket.getsockname()[1]
+
+    def close(self):
+        """Stop listening; waiting clients see their connection reset."""
+        self._socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
