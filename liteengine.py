@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -51,6 +52,9 @@ log = logging.getLogger("liteengine")
 
 BODY_LIMIT = 10 * 1024 * 1024
 SERVER_THREADS = 32
+# How long a worker waits for a keep-alive caller's next request before
+# handing the connection back to the selector.
+KEEP_ALIVE_LINGER = 0.002
 DEFAULT_BIND = ":9079"
 DEFAULT_ADDR = "https://127.0.0.1:9079"
 DEFAULT_ENTRYPOINT = ("sh", "-c")
@@ -1137,12 +1141,29 @@ class _Connection(cheroot.server.HTTPConnection):
     _handshake_done = False
 
     def communicate(self):
-        """Shake hands if that is still to do, then serve one request."""
+        """Shake hands if that is still to do, then serve requests.
+
+        A caller that sends its next request at once on the same connection
+        is served by this worker again, instead of the connection going
+        back to cheroot's selector and to another thread in between.
+        """
         if not self._handshake_done and isinstance(self.socket, ssl.SSLSocket):
             if not self._handshake():
                 return False
             self._handshake_done = True
-        return super().communicate()
+        keep = super().communicate()
+        while keep and self._next_request_ready():
+            keep = super().communicate()
+        return keep
+
+    def _next_request_ready(self):
+        if self.rfile.has_data():
+            return True
+        try:
+            ready, _, _ = select.select([self.socket], [], [], KEEP_ALIVE_LINGER)
+        except (OSError, ValueError):
+            return False
+        return bool(ready)
 
     def _handshake(self):
         try:

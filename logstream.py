@@ -23,9 +23,10 @@ import http.client
 import ipaddress
 import itertools
 import json
-import logging
 import functools
+import logging
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -498,28 +499,31 @@ class LogServiceError(Exception):
 
 
 _quote = json.encoder.encode_basestring_ascii
-_clock = (None, "")
+_LINE = '{"level":"%s","pos":%d,"out":%s,"time":"%s.%06dZ","args":null}'
 
 
-def rfc3339(created):
-    """Format a Unix time as RFC 3339 in UTC with microseconds."""
-    global _clock
-    second = int(created)
-    cached, prefix = _clock
-    if cached != second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _clock = (second, prefix)
-    return "%s.%06dZ" % (prefix, int((created - second) * 1e6))
+def encode_lines(first, lines):
+    """Encode ``(level, out, created)`` triples as Lines, ``pos`` from ``first``.
+
+    Each Line is compact ASCII JSON, the unit both the stream and uploads
+    use; ``time`` is RFC 3339 in UTC with microseconds.
+    """
+    encoded = []
+    quote, template = _quote, _LINE
+    last_second, stamp = None, ""
+    for pos, (level, out, created) in enumerate(lines, first):
+        second = int(created)
+        if second != last_second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            last_second = second
+        micros = int((created - second) * 1e6)
+        encoded.append(template % (level, pos, quote(out), stamp, micros))
+    return encoded
 
 
 def encode_line(pos, level, out, created):
-    """One Line as compact ASCII JSON, the unit both the stream and uploads use."""
-    return '{"level":"%s","pos":%d,"out":%s,"time":"%s","args":null}' % (
-        level,
-        pos,
-        _quote(out),
-        rfc3339(created),
-    )
+    """One Line as compact ASCII JSON; see ``encode_lines``."""
+    return encode_lines(pos, [(level, out, created)])[0]
 
 
 def truncate(out, limit=LINE_LIMIT):
@@ -623,7 +627,7 @@ class HTTPClient:
 
     def upload(self, key, lines):
         """Upload encoded lines as NDJSON, through the service or by a link."""
-        body = "".join(line + "\n" for line in lines).encode("ascii")
+        body = _slabs(lines)
         retry = Retry.within(self._deadlines.upload)
         if not self._config.indirect_upload:
             self._call("POST", "/blob", key, body, retry)
@@ -656,7 +660,10 @@ class HTTPClient:
                 self._conn = None
 
     def _call(self, method, path, key, body, deadline, extra=None):
-        """One protocol call, retried; returns the answer's body."""
+        """One protocol call, retried; returns the answer's body.
+
+        ``body`` is bytes, a list of byte slabs, or ``None``.
+        """
         query = {"accountID": self._config.account_id, "key": key}
         query.update(extra or {})
         try:
@@ -670,6 +677,7 @@ class HTTPClient:
         headers = {"X-Harness-Token": self._config.token}
         if body is not None:
             headers["Content-Type"] = "application/json"
+            headers["Content-Length"] = str(_length(body))
         retry = deadline if isinstance(deadline, Retry) else Retry.within(deadline)
         with self._lock:
             return self._with_retry(
@@ -737,6 +745,38 @@ class HTTPClient:
         return response.status, data
 
 
+def _slabs(lines, per_slab=512):
+    """Encoded lines as NDJSON bytes, in slabs rather than one large copy."""
+    return [
+        ("\n".join(lines[start : start + per_slab]) + "\n").encode("ascii")
+        for start in range(0, len(lines), per_slab)
+    ]
+
+
+def _length(body):
+    return len(body) if isinstance(body, bytes) else sum(map(len, body))
+
+
+class _NoDelay:
+    """Sends every request at once, never held back by Nagle's algorithm.
+
+    http.client writes the headers and a slabbed body in separate sends;
+    without this, the body can wait for the server's delayed ACK.
+    """
+
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
+    """A plain HTTP connection to the log service."""
+
+
+class _HTTPSConnection(_NoDelay, http.client.HTTPSConnection):
+    """A TLS connection to the log service."""
+
+
 def _connection(scheme, netloc, tls, transport, timeout):
     """A connection to ``netloc``, through a proxy when ``transport`` says so.
 
@@ -755,20 +795,18 @@ def _connection(scheme, netloc, tls, transport, timeout):
     proxy = transport.proxy_for(scheme, parts.hostname or "", port)
     if proxy is None:
         if scheme == "https":
-            conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=tls)
+            conn = _HTTPSConnection(netloc, timeout=timeout, context=tls)
         else:
-            conn = http.client.HTTPConnection(netloc, timeout=timeout)
+            conn = _HTTPConnection(netloc, timeout=timeout)
         return conn, "", {}
     credentials = {}
     if proxy.authorization:
         credentials["Proxy-Authorization"] = proxy.authorization
     if scheme == "https":
-        conn = http.client.HTTPSConnection(
-            proxy.host, proxy.port, timeout=timeout, context=tls
-        )
+        conn = _HTTPSConnection(proxy.host, proxy.port, timeout=timeout, context=tls)
         conn.set_tunnel(parts.hostname, port, headers=credentials)
         return conn, "", {}
-    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
+    conn = _HTTPConnection(proxy.host, proxy.port, timeout=timeout)
     return conn, "http://" + netloc, credentials
 
 
@@ -778,6 +816,7 @@ def _one_shot(parts, target, body, tls, transport, timeout):
         parts.scheme, parts.netloc, tls, transport, timeout
     )
     try:
+        headers = dict(headers, **{"Content-Length": str(_length(body))})
         conn.request("PUT", prefix + target, body=body, headers=headers)
         response = conn.getresponse()
         response.read()
@@ -890,8 +929,9 @@ class LiveWriter:
     ``append`` may be called from any thread, including from inside a
     logging handler: it never touches the network and never raises. About
     once a second (``interval``) a ``threading.Timer`` flushes what is
-    pending in one write; a write that fails is sent again, in order, by a
-    later flush. ``close`` flushes, uploads the history and closes the
+    pending in one write, and arms the next one; a full batch (1 MiB) is
+    flushed at once instead of waiting. A write that fails is sent again, in
+    order, by a later flush. ``close`` flushes, uploads the history and closes the
     stream, each call bounded by its deadline and each attempted even when
     the one before failed.
 
@@ -925,6 +965,7 @@ class LiveWriter:
         self._live_pos = 0
         self._unsent_since = None
         self._timer = None
+        self._hurried = False
         self._closed = False
         self._opened = config.skip_opening_stream
         self._live = True
@@ -966,7 +1007,19 @@ class LiveWriter:
             if self._pending_size + self._history_size > self._limit:
                 self._shed()
             if self._timer is None:
-                self._arm(self._interval)
+                timer = self._timer = self._new_timer(self._interval)
+            elif self._pending_size >= BATCH_LIMIT and not self._hurried:
+                # A full batch is waiting: flush now rather than at the tick,
+                # so a fast producer is not cut by the cap while the service
+                # keeps up.
+                self._hurried = True
+                self._timer.cancel()
+                timer = self._timer = self._new_timer(0)
+            else:
+                return
+        # Started outside the lock: a thread start is slow, and a close that
+        # cancels the timer first only makes it finish at once.
+        timer.start()
 
     def stats(self):
         """The writer's counters, plus the age in seconds of the oldest unsent line."""
@@ -1011,22 +1064,27 @@ class LiveWriter:
                         self._upload()
                     self._close_stream()
                 self._client.disconnect()
+                with self._lock:
+                    # Nothing reads the lines any more; only the counters stay.
+                    self._history.clear()
+                    self._history_size = 0
             except Exception:
                 # The clients turn every failure into LogServiceError; this
                 # only keeps a bug of ours from reaching the caller.
                 log.exception("log writer not closed", extra={"fields": {"key": self.key}})
         return self.stats()
 
-    def _arm(self, delay):
+    def _new_timer(self, delay):
         timer = threading.Timer(delay, self._tick)
         timer.daemon = True
-        self._timer = timer
-        timer.start()
+        return timer
 
     def _tick(self):
+        """Flush, then arm the next tick: one chain of timers while open."""
         with self._send_lock, _machinery_at_work():
             with self._lock:
                 self._timer = None
+                self._hurried = False
                 if self._closed:
                     return
             try:
@@ -1035,9 +1093,10 @@ class LiveWriter:
                 self._failing = True
                 log.exception("log stream flush failed", extra={"fields": {"key": self.key}})
             with self._lock:
-                behind = self._pending or self._live_pos < self._next_pos
-                if behind and self._live and not self._closed and self._timer is None:
-                    self._arm(self._interval)
+                if self._closed or self._timer is not None:
+                    return
+                timer = self._timer = self._new_timer(self._interval)
+        timer.start()
 
     def _open(self):
         try:
@@ -1075,10 +1134,11 @@ class LiveWriter:
             except LogServiceError as exc:
                 self._flush_failed(exc)
                 return
+            size = sum(map(len, batch)) + len(batch) + 1
             with self._lock:
                 self._live_pos = start + len(batch)
                 self._counts["sent"] += len(batch)
-                self._counts["bytes_sent"] += sum(len(line) + 1 for line in batch) + 1
+                self._counts["bytes_sent"] += size
                 if not self._pending and self._live_pos == self._next_pos:
                     self._unsent_since = None
             if self._failing:
@@ -1107,13 +1167,11 @@ class LiveWriter:
             self._pending_size = 0
             first = self._next_pos
             self._next_pos += len(pending)
-        encoded = [
-            encode_line(pos, level, out, created)
-            for pos, (level, out, created) in enumerate(pending, first)
-        ]
+        encoded = encode_lines(first, pending)
+        size = sum(map(len, encoded)) + len(encoded)
         with self._lock:
             self._history.extend(encoded)
-            self._history_size += sum(len(line) + 1 for line in encoded)
+            self._history_size += size
             if self._pending_size + self._history_size > self._limit:
                 self._shed()
 
