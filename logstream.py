@@ -254,9 +254,9 @@ PROXY_VARIABLES = (
 class Transport:
     """How connections to log services are made: whom to trust, which proxy.
 
-    Servers are verified against certifi's bundle and the system's, plus
-    the CAs in ``ca_file``; ``skip_verify`` turns verification off and is
-    warned about every time a client is made with it. ``proxy_env`` holds
+    Servers are verified against certifi's bundle plus the CAs in
+    ``ca_file``; ``skip_verify`` turns verification off and is warned about
+    every time a client is made with it. ``proxy_env`` holds
     the proxy variables as ``(name, value)`` pairs; it stays out of the
     repr, since a proxy URL may carry a password.
     """
@@ -560,12 +560,13 @@ def new_client(config, store_dir, deadlines, transport=None):
 def _tls_context(ca_file="", skip_verify=False, client_cert=None):
     """A client context that verifies servers, one per distinct setting.
 
-    Trusted: certifi's bundle, the system's CAs and those in ``ca_file``.
+    Trusted: certifi's bundle (the one carried with the engine, also inside
+    the single-file build) and the CAs in ``ca_file``; never the host's own
+    store, so what is trusted does not depend on the VM.
     """
     import certifi
 
-    context = ssl.create_default_context()
-    context.load_verify_locations(cadata=certifi.contents())
+    context = ssl.create_default_context(cadata=certifi.contents())
     if ca_file:
         context.load_verify_locations(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

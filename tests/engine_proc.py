@@ -164,8 +164,12 @@ class EngineProcess:
         self._finish()
 
     def cleanup(self):
-        """Stop the process if needed and remove its temporary directories."""
-        self.kill()
+        """Stop the process if needed and remove its temporary directories.
+
+        SIGTERM first, so the engine kills the steps it started (they run in
+        process groups of their own and would outlive a killed engine).
+        """
+        self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
         shutil.rmtree(self.cwd, ignore_errors=True)
 
