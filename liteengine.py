@@ -161,11 +161,6 @@ class Config:
 
         Raises ``ValueError`` with a message naming the variable at fault.
         """
-        workdir = environ.get("HARNESS_WORKDIR", "")
-        if workdir:
-            shared_dir = os.path.join(workdir, "tmp", "engine")
-        else:
-            shared_dir = "/tmp/engine"
         return cls(
             bind=parse_bind(environ.get("HTTPS_BIND") or DEFAULT_BIND),
             insecure=_flag(environ, "SERVER_INSECURE"),
@@ -174,13 +169,19 @@ class Config:
             client_cert_file=environ.get("CLIENT_CERT_FILE", ""),
             debug=_flag(environ, "DEBUG"),
             trace=_flag(environ, "TRACE"),
-            shared_dir=shared_dir,
+            shared_dir=shared_folder(environ),
             flush_interval=_seconds(environ, "LE_FLUSH_INTERVAL", 1.0),
             deadlines=logstream.Deadlines.from_env(environ),
             transport=logstream.Transport.from_env(environ),
             stream_level=_level(environ, "LE_LOG_LEVEL", "debug"),
             quiet=not _flag(environ, "LE_LOG_STDOUT", default=True),
         )
+
+
+def shared_folder(environ):
+    """The shared folder: ``$HARNESS_WORKDIR/tmp/engine``, else ``/tmp/engine``."""
+    workdir = environ.get("HARNESS_WORKDIR", "")
+    return os.path.join(workdir, "tmp", "engine") if workdir else "/tmp/engine"
 
 
 def load_environment(env_file=None, environ=None):
@@ -1462,8 +1463,85 @@ def _setup_body(args):
     }
 
 
+def tail(path, out, follow=True, interval=0.2):
+    """Print the text of each line of a file-store log, as ``tail -f`` would.
+
+    Lines are printed once each, by ``pos``, also across the final upload
+    that replaces the file. Without ``follow`` it stops at the end of the
+    file; with it, it waits for the file to appear and to grow until
+    interrupted.
+    """
+    printed = -1
+    file, identity, partial = None, None, b""
+    try:
+        while True:
+            if file is None:
+                try:
+                    file = open(path, "rb")
+                except FileNotFoundError:
+                    if not follow:
+                        return
+                    time.sleep(interval)
+                    continue
+                identity, partial = os.fstat(file.fileno()).st_ino, b""
+            chunk = file.readline()
+            if chunk.endswith(b"\n"):
+                printed = _print_line(partial + chunk, printed, out)
+                partial = b""
+                continue
+            partial += chunk
+            if _replaced(path, identity):
+                file.close()
+                file = None
+            elif not follow:
+                return
+            else:
+                time.sleep(interval)
+    finally:
+        if file is not None:
+            file.close()
+
+
+def _replaced(path, identity):
+    try:
+        return os.stat(path).st_ino != identity
+    except OSError:
+        return False
+
+
+def _print_line(raw, printed, out):
+    """Print one NDJSON line's text unless its ``pos`` was printed; returns the last pos."""
+    try:
+        line = json.loads(raw)
+        pos, text = line["pos"], line["out"]
+    except (ValueError, KeyError, TypeError):
+        return printed
+    if pos <= printed:
+        return printed
+    out.write(text if text.endswith("\n") else text + "\n")
+    out.flush()
+    return pos
+
+
+def run_tail(args):
+    """``client tail KEY``: follow a key's lines in the local file store."""
+    folder = args.dir or shared_folder(os.environ)
+    try:
+        path = logstream.FileStore(folder).path_for(args.key)
+    except logstream.LogServiceError as exc:
+        print("liteengine: %s" % exc, file=sys.stderr)
+        return 2
+    try:
+        tail(path, sys.stdout, follow=not args.no_follow)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def run_client(args):
     """Run one ``client`` subcommand; prints the answer, returns the exit code."""
+    if args.action == "tail":
+        return run_tail(args)
     if args.action == "health":
         method, path, body = "GET", "/healthz", None
     elif args.action == "setup":
@@ -1826,6 +1904,16 @@ def build_parser():
     actions = client.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("health", help="GET /healthz")
     actions.add_parser("destroy", help="POST /destroy")
+    tail_parser = actions.add_parser(
+        "tail", help="print a key's lines from the local file store as they come"
+    )
+    tail_parser.add_argument("key", help="the log key, e.g. stage-1/step-1")
+    tail_parser.add_argument(
+        "--dir", help="the file store (default: the shared folder, as the server)"
+    )
+    tail_parser.add_argument(
+        "--no-follow", action="store_true", help="stop at the end of the file"
+    )
     setup = actions.add_parser("setup", help="POST /setup")
     setup.add_argument("--le-log-key", default="", help="stream engine logs to KEY")
     setup.add_argument("--log-url", default="", help="log service URL (empty: files)")

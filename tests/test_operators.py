@@ -1,11 +1,14 @@
 """What operators get beyond streaming: metrics, level filter, own settings."""
 
 import http.client
+import os
 import re
-import urllib.parse
+import subprocess
+import threading
 import unittest
+import urllib.parse
 
-from tests.engine_proc import EngineProcess
+from tests.engine_proc import EngineProcess, engine_command
 from tests.fakelog import FakeLogService
 from tests.test_api import request
 
@@ -140,6 +143,119 @@ class OperatorTest(unittest.TestCase):
         self.assertEqual(outs(self.service.uploads("stage/s")[0]), ["1\n", "2\n", "3\n"])
         self.assertEqual(other.uploads("stage/s"), [])
         self.assertEqual(other.violations() + self.service.violations(), [])
+
+
+class EnvironmentSettingsTest(unittest.TestCase):
+    def setUp(self):
+        self.service = FakeLogService().start()
+        self.addCleanup(self.service.stop)
+        self.config = {"url": self.service.url, "account_id": "acct", "token": "tok"}
+
+    def engine(self, **env):
+        engine = EngineProcess(dict({"LE_FLUSH_INTERVAL": "0.1"}, **env)).start()
+        self.addCleanup(engine.cleanup)
+        return engine
+
+    def post(self, engine, path, body):
+        status, _, answer = request(engine.url, "POST", path, body)
+        self.assertEqual(status, 200, answer)
+
+    def test_default_level_from_the_environment(self):
+        engine = self.engine(LE_LOG_LEVEL="warning")
+        self.post(engine, "/setup", {"le_log_key": ENGINE_KEY, "log_config": self.config})
+        self.post(engine, "/start_step", {"id": "x", "working_dir": "/nonexistent"})
+        self.post(engine, "/poll_step", {"id": "x"})
+        self.post(engine, "/destroy", {})
+        [upload] = self.service.uploads(ENGINE_KEY)
+        self.assertEqual(len(upload), 1)
+        self.assertIn('level=warning msg="step not started"', upload[0]["out"])
+
+    def test_unknown_level_in_the_environment_stops_the_start(self):
+        result = subprocess.run(
+            engine_command("server"),
+            env=dict(os.environ, SERVER_INSECURE="true", LE_LOG_LEVEL="loud"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("LE_LOG_LEVEL", result.stderr)
+
+    def test_quiet_console_while_healthy_loud_while_failing(self):
+        engine = self.engine(LE_LOG_STDOUT="false", LE_WRITE_TIMEOUT="0.3")
+        self.post(engine, "/setup", {"le_log_key": ENGINE_KEY, "log_config": self.config})
+
+        def step(step_id):
+            self.post(engine, "/start_step", {"id": step_id, "run": {"commands": ["true"]}})
+            self.post(engine, "/poll_step", {"id": step_id})
+            marker = "id=%s " % step_id
+            self.service.wait_for(
+                lambda s: any(marker in o for o in outs(s.lines(ENGINE_KEY)))
+            )
+            return any(marker in line for line in engine.stderr_lines())
+
+        self.assertFalse(step("healthy"), "printed while the stream was healthy")
+        self.assertFalse(any("setup done" in l for l in engine.stderr_lines()))
+
+        self.service.inject("write", "status", count=None, status=503)
+        # The next record is quiet too, until its own flush fails.
+        self.post(engine, "/start_step", {"id": "trigger", "run": {"commands": ["true"]}})
+        self.assertIsNotNone(engine.wait_for_stderr('msg="log stream flush failed"'))
+        self.post(engine, "/start_step", {"id": "failing", "run": {"commands": ["true"]}})
+        self.assertIsNotNone(engine.wait_for_stderr('msg="step started" id=failing'))
+
+        self.service.clear_faults()
+        self.assertIsNotNone(engine.wait_for_stderr('msg="log stream recovered"'))
+        self.assertFalse(step("recovered"), "printed after the stream recovered")
+        self.post(engine, "/destroy", {})
+
+
+class TailTest(unittest.TestCase):
+    def test_tail_shows_lines_written_after_it_started(self):
+        engine = EngineProcess().start()
+        self.addCleanup(engine.cleanup)
+        command = engine_command(
+            "client", "tail", "stage/t", "--dir", engine.shared_dir
+        )
+        tail = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cleanup in (tail.stderr.close, tail.stdout.close, tail.wait, tail.kill):
+            self.addCleanup(cleanup)
+        gate = os.path.join(engine.workdir, "gate")
+        body = {
+            "id": "t",
+            "log_key": "stage/t",
+            "run": {
+                "commands": [
+                    "echo first",
+                    "while [ ! -e %s ]; do sleep 0.05; done" % gate,
+                    "echo second",
+                ]
+            },
+        }
+        status, _, _ = request(engine.url, "POST", "/start_step", body)
+        self.assertEqual(status, 200)
+        seen = []
+        reader = threading.Thread(
+            target=lambda: seen.extend(tail.stdout.readline() for _ in range(2))
+        )
+        reader.start()
+        reader.join(0.0)
+        open(gate, "w").close()
+        request(engine.url, "POST", "/poll_step", {"id": "t"})
+        reader.join(10)
+        self.assertEqual(seen, ["first\n", "second\n"])
+
+    def test_tail_refuses_a_key_outside_the_store(self):
+        result = subprocess.run(
+            engine_command("client", "tail", "../x", "--dir", "/tmp", "--no-follow"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("log key refused", result.stderr)
 
 
 if __name__ == "__main__":
