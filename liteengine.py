@@ -58,6 +58,8 @@ KEEP_ALIVE_LINGER = 0.002
 DEFAULT_BIND = ":9079"
 DEFAULT_ADDR = "https://127.0.0.1:9079"
 DEFAULT_ENTRYPOINT = ("sh", "-c")
+# The longest a step's output waits for a busy writer, per read.
+OUTPUT_WAIT = 1.0
 
 
 # ----------------------------------------------------------- configuration
@@ -581,6 +583,9 @@ class Step:
             data = stream.read1(64 * 1024)
             if not data:
                 break
+            # A step printing faster than a healthy service takes its lines
+            # is slowed down rather than losing them; see README "Steps".
+            self._writer.wait_for_room(OUTPUT_WAIT)
             feed.feed(data)
         feed.finish()
         stream.close()

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import http.client
 import ipaddress
-import itertools
 import json
 import functools
 import logging
@@ -39,6 +38,11 @@ HISTORY_LIMIT = 5 * 1024 * 1024
 LINE_LIMIT = 70 * 1024
 TRUNCATED = "... (log line truncated)"
 BATCH_LIMIT = 1024 * 1024
+# Pending lines past this many bytes are flushed at once, not at the tick;
+# a producer that can wait (a step's output) waits past twice as many.
+HURRY_SIZE = 256 * 1024
+# Encoded lines are kept as NDJSON bytes, this many lines to a slab.
+SLAB_LINES = 512
 
 # What the JSON envelope (level, pos, time, args) adds to a line's text, at
 # least: pending lines are counted with it before they are encoded, then
@@ -616,19 +620,21 @@ class HTTPClient:
         """Open the stream for ``key``."""
         self._call("POST", "/stream", key, None, self._deadlines.open)
 
-    def write(self, key, lines):
-        """Append encoded lines to the open stream for ``key``."""
-        body = ("[" + ",".join(lines) + "]").encode("ascii")
-        self._call("PUT", "/stream", key, body, self._deadlines.write)
+    def write(self, key, slabs):
+        """Append NDJSON slabs of encoded lines to the open stream for ``key``."""
+        # An encoded line never holds a raw newline, so turning the newlines
+        # between lines into commas makes the JSON array the service wants.
+        items = b",".join(slab[:-1].replace(b"\n", b",") for slab in slabs)
+        self._call("PUT", "/stream", key, b"[" + items + b"]", self._deadlines.write)
 
     def close(self, key, snapshot=False):
         """Close the stream for ``key``; ``snapshot`` as the protocol says."""
         extra = {"snapshot": "true"} if snapshot else None
         self._call("DELETE", "/stream", key, None, self._deadlines.close, extra)
 
-    def upload(self, key, lines):
-        """Upload encoded lines as NDJSON, through the service or by a link."""
-        body = _slabs(lines)
+    def upload(self, key, slabs):
+        """Upload NDJSON slabs as one body, through the service or by a link."""
+        body = list(slabs)
         retry = Retry.within(self._deadlines.upload)
         if not self._config.indirect_upload:
             self._call("POST", "/blob", key, body, retry)
@@ -746,14 +752,6 @@ class HTTPClient:
         return response.status, data
 
 
-def _slabs(lines, per_slab=512):
-    """Encoded lines as NDJSON bytes, in slabs rather than one large copy."""
-    return [
-        ("\n".join(lines[start : start + per_slab]) + "\n").encode("ascii")
-        for start in range(0, len(lines), per_slab)
-    ]
-
-
 def _length(body):
     return len(body) if isinstance(body, bytes) else sum(map(len, body))
 
@@ -869,11 +867,11 @@ class FileStore:
 
     def open(self, key):
         """Start an empty file for ``key``."""
-        self._write(key, "", "w")
+        self._write(key, [], "wb")
 
-    def write(self, key, lines):
-        """Append encoded lines to the file for ``key``."""
-        self._write(key, "".join(line + "\n" for line in lines), "a")
+    def write(self, key, slabs):
+        """Append NDJSON slabs to the file for ``key``."""
+        self._write(key, slabs, "ab")
 
     def close(self, key, snapshot=False):
         """Nothing to close for a file."""
@@ -881,22 +879,22 @@ class FileStore:
     def disconnect(self):
         """Nothing is kept open between calls."""
 
-    def upload(self, key, lines):
-        """Replace the file for ``key`` with ``lines``, atomically."""
+    def upload(self, key, slabs):
+        """Replace the file for ``key`` with the NDJSON ``slabs``, atomically."""
         path = self.path_for(key)
         temporary = path + ".part"
         try:
-            self._write(key, "".join(line + "\n" for line in lines), "w", temporary)
+            self._write(key, slabs, "wb", temporary)
             os.replace(temporary, path)
         except OSError as exc:
             raise LogServiceError("log file not replaced: %s" % _describe(exc))
 
-    def _write(self, key, text, mode, path=None):
+    def _write(self, key, slabs, mode, path=None):
         path = path or self.path_for(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, mode, encoding="ascii") as file:
-                file.write(text)
+            with open(path, mode) as file:
+                file.writelines(slabs)
         except OSError as exc:
             raise LogServiceError("log file not written: %s" % _describe(exc))
 
@@ -930,8 +928,8 @@ class LiveWriter:
     ``append`` may be called from any thread, including from inside a
     logging handler: it never touches the network and never raises. About
     once a second (``interval``) a ``threading.Timer`` flushes what is
-    pending in one write, and arms the next one; a full batch (1 MiB) is
-    flushed at once instead of waiting. A write that fails is sent again, in
+    pending in one write, and arms the next one; 256 KiB of pending lines
+    are flushed at once instead of waiting. A write that fails is sent again, in
     order, by a later flush. ``close`` flushes, uploads the history and closes the
     stream, each call bounded by its deadline and each attempted even when
     the one before failed.
@@ -956,12 +954,12 @@ class LiveWriter:
         self._interval = interval
         self._limit = limit
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
         self._pending = collections.deque()
         self._pending_size = 0
         self._history = collections.deque()
         self._history_size = 0
-        self._first_pos = 0
         self._next_pos = 0
         self._live_pos = 0
         self._unsent_since = None
@@ -1009,8 +1007,8 @@ class LiveWriter:
                 self._shed()
             if self._timer is None:
                 timer = self._timer = self._new_timer(self._interval)
-            elif self._pending_size >= BATCH_LIMIT and not self._hurried:
-                # A full batch is waiting: flush now rather than at the tick,
+            elif self._pending_size >= HURRY_SIZE and not self._hurried:
+                # Enough is waiting: flush now rather than at the tick,
                 # so a fast producer is not cut by the cap while the service
                 # keeps up.
                 self._hurried = True
@@ -1125,20 +1123,22 @@ class LiveWriter:
                 return
         while True:
             with self._lock:
-                start = max(self._live_pos, self._first_pos)
-                batch = _take(self._history, start - self._first_pos, BATCH_LIMIT)
+                batch = _unsent(self._history, self._live_pos, BATCH_LIMIT)
             if not batch:
                 return
             self._count("flushes")
             try:
-                self._client.write(self.key, batch)
+                self._client.write(self.key, [data for _, _, data in batch])
             except LogServiceError as exc:
                 self._flush_failed(exc)
                 return
-            size = sum(map(len, batch)) + len(batch) + 1
+            first, _, _ = batch[0]
+            last, count, _ = batch[-1]
+            lines = last + count - first
+            size = sum(len(data) for _, _, data in batch) + 1
             with self._lock:
-                self._live_pos = start + len(batch)
-                self._counts["sent"] += len(batch)
+                self._live_pos = last + count
+                self._counts["sent"] += lines
                 self._counts["bytes_sent"] += size
                 if not self._pending and self._live_pos == self._next_pos:
                     self._unsent_since = None
@@ -1164,33 +1164,71 @@ class LiveWriter:
     def _encode_pending(self):
         """Give pending lines their ``pos`` and move them into the history."""
         with self._lock:
-            pending, self._pending = self._pending, collections.deque()
+            pending, self._pending = list(self._pending), collections.deque()
             self._pending_size = 0
             first = self._next_pos
             self._next_pos += len(pending)
-        encoded = encode_lines(first, pending)
-        size = sum(map(len, encoded)) + len(encoded)
+            self._room.notify_all()
+        slabs = []
+        for start in range(0, len(pending), SLAB_LINES):
+            chunk = encode_lines(first + start, pending[start : start + SLAB_LINES])
+            data = ("\n".join(chunk) + "\n").encode("ascii")
+            slabs.append((first + start, len(chunk), data))
         with self._lock:
-            self._history.extend(encoded)
-            self._history_size += size
-            if self._pending_size + self._history_size > self._limit:
-                self._shed()
+            self._history.extend(slabs)
+            self._history_size += sum(len(data) for _, _, data in slabs)
+            self._trim(exact=True)
 
     def _shed(self):
-        """Drop the oldest lines until the history fits. Caller holds ``_lock``."""
-        while self._history and self._pending_size + self._history_size > self._limit:
-            self._history_size -= len(self._history.popleft()) + 1
-            self._first_pos += 1
-            self._counts["dropped"] += 1
+        """Make room for a new line. Caller holds ``_lock``.
+
+        On the caller's side only whole slabs go, which is quick; the flush
+        trims to the exact line later.
+        """
+        self._trim(exact=False)
         while self._pending and self._pending_size > self._limit:
             self._pending_size -= len(self._pending.popleft()[1]) + LINE_OVERHEAD
             self._counts["dropped"] += 1
 
+    def _trim(self, exact):
+        """Drop the oldest lines while over the limit. Caller holds ``_lock``."""
+        while self._history and self._pending_size + self._history_size > self._limit:
+            excess = self._pending_size + self._history_size - self._limit
+            first, count, data = self._history[0]
+            if excess >= len(data) or not exact:
+                self._history.popleft()
+                cut, gone = len(data), count
+            else:
+                cut = data.index(b"\n", excess - 1) + 1
+                gone = data.count(b"\n", 0, cut)
+                self._history[0] = (first + gone, count - gone, data[cut:])
+            self._history_size -= cut
+            self._counts["dropped"] += gone
+
+    def wait_for_room(self, timeout):
+        """Wait, at most ``timeout`` seconds, while a flush is due to drain.
+
+        For producers that can be slowed down (a step's output pipe), not for
+        logging calls. It returns at once while the stream is failing or
+        closed, so a dead service never holds a build up.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while (
+                self._pending_size >= 2 * HURRY_SIZE
+                and not self._failing
+                and not self._closed
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._room.wait(left)
+
     def _upload(self):
         with self._lock:
-            lines = list(self._history)
+            slabs = [data for _, _, data in self._history]
         try:
-            self._client.upload(self.key, lines)
+            self._client.upload(self.key, slabs)
         except LogServiceError as exc:
             self._count("failed_uploads")
             log.warning(
@@ -1214,15 +1252,22 @@ class LiveWriter:
             self._counts[name] += 1
 
 
-def _take(history, start, limit):
-    """Up to ``limit`` bytes of lines from ``history``, beginning at index ``start``."""
+def _unsent(history, live_pos, limit):
+    """The slabs from ``live_pos`` on, up to about ``limit`` bytes (one at least).
+
+    A slab is sent whole or not at all, so none straddles ``live_pos``.
+    """
     batch = []
-    size = 2
-    for line in itertools.islice(history, start, None):
-        size += len(line) + 1
-        if batch and size > limit:
+    for slab in reversed(history):
+        if slab[0] < live_pos:
             break
-        batch.append(line)
+        batch.append(slab)
+    batch.reverse()
+    size = 0
+    for index, (_, _, data) in enumerate(batch):
+        size += len(data)
+        if index and size > limit:
+            return batch[:index]
     return batch
 
 

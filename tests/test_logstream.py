@@ -266,7 +266,7 @@ class FileStoreTest(unittest.TestCase):
         outside = tempfile.mkdtemp()
         os.symlink(outside, os.path.join(self.folder, "link"))
         with self.assertRaises(logstream.LogServiceError):
-            self.store.write("link/key", ['{"x":1}'])
+            self.store.write("link/key", [b'{"x":1}\n'])
         self.assertEqual(os.listdir(outside), [])
 
     def test_refused_key_stops_the_writer_quietly(self):
