@@ -288,7 +288,7 @@ class ProcessTest(unittest.TestCase):
     """Starting, refusing to start, stopping, and the version."""
 
     def test_refuses_to_start_without_certificates_or_server_insecure(self):
-        # Secure mode itself is tested in test_tls.
+        # Secure mode itself is tested in test_tls_e2e.
         env = dict(os.environ, HTTPS_BIND="127.0.0.1:0")
         for name in (
             "SERVER_INSECURE",
