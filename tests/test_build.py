@@ -1,5 +1,6 @@
 """Tests for build.py: the zipapp is reproducible and runs with nothing installed."""
 
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,18 @@ class ArchiveTest(unittest.TestCase):
             self.assertNotIn("__pycache__", name)
             self.assertFalse(name.startswith("bin/"), name)
             self.assertFalse(name.endswith(("RECORD", "INSTALLER", ".so")), name)
+
+    def test_every_module_carries_unchecked_bytecode_of_this_python(self):
+        with zipfile.ZipFile(self.first) as archive:
+            names = set(archive.namelist())
+            sources = sorted(name for name in names if name.endswith(".py"))
+            self.assertIn("bottle.py", sources)
+            for name in sources:
+                with self.subTest(name=name):
+                    header = archive.read(name + "c")[:8]
+                    self.assertEqual(header[:4], importlib.util.MAGIC_NUMBER)
+                    # Flags 0b01: hash-based, never checked against the source.
+                    self.assertEqual(int.from_bytes(header[4:], "little"), 0b01)
 
     def test_version_runs_from_empty_folder_without_site(self):
         version = build.read_version()
