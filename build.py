@@ -107,7 +107,7 @@ def read_version(root=ROOT):
     path = root / "liteengine.py"
     match = VERSION_LINE.search(path.read_text(encoding="utf-8"))
     if match is None:
-        raise BuildError(f"no __version__ = \"...\" line in {path}")
+        raise BuildError(f'no __version__ = "..." line in {path}')
     return match.group(1)
 
 
@@ -273,8 +273,7 @@ def compile_bytecode(files, python=sys.executable):
         if result.returncode != 0:
             tail = "\n".join(result.stdout.strip().splitlines()[-10:])
             raise BuildError(
-                f"compiling bytecode with {python} failed (--no-pyc skips it):\n"
-                + tail
+                f"compiling bytecode with {python} failed (--no-pyc skips it):\n" + tail
             )
         return {name + "c": (folder / (name + "c")).read_bytes() for name in sources}
 

@@ -55,7 +55,9 @@ def parse_level(name):
     try:
         return LEVELS[name.strip().lower()]
     except KeyError:
-        raise ValueError("unknown level %r (use debug, info, warning, error, fatal)" % name)
+        raise ValueError(
+            "unknown level %r (use debug, info, warning, error, fatal)" % name
+        )
 
 
 class Masker:

@@ -428,7 +428,9 @@ class StepRequest:
             commands=tuple(commands),
             entrypoint=tuple(entrypoint),
             output_vars=tuple(_string_list(obj, "output_vars")),
-            log_config=None if config is None else logstream.LogConfig.from_json(config),
+            log_config=None
+            if config is None
+            else logstream.LogConfig.from_json(config),
         )
 
 
@@ -441,7 +443,7 @@ def read_exports(path):
                 name, equals, value = line.rstrip("\r\n").partition("=")
                 name = name.strip()
                 if name.startswith("export "):
-                    name = name[len("export "):].strip()
+                    name = name[len("export ") :].strip()
                 if equals and name:
                     found[name] = value
     except OSError:
@@ -517,7 +519,9 @@ class Step:
             try:
                 counters = self._writer.close()
             except Exception:
-                log.exception("step log not closed", extra=hooks.fields(id=self.request.id))
+                log.exception(
+                    "step log not closed", extra=hooks.fields(id=self.request.id)
+                )
                 counters = {}
             self._metrics.closed("step", self._writer, counters)
             log.info(
@@ -575,7 +579,9 @@ class Step:
 
     def _not_started(self, error):
         self.exit_code, self.error = 255, error
-        log.warning("step not started", extra=hooks.fields(id=self.request.id, error=error))
+        log.warning(
+            "step not started", extra=hooks.fields(id=self.request.id, error=error)
+        )
 
     def _pump(self, feed):
         stream = self._process.stdout
@@ -807,7 +813,9 @@ class Engine:
         wait = deadlines.open + deadlines.write + deadlines.upload + deadlines.close
         for step in steps:
             if not step.done.wait(wait + 5):
-                log.warning("step did not finish", extra=hooks.fields(id=step.request.id))
+                log.warning(
+                    "step did not finish", extra=hooks.fields(id=step.request.id)
+                )
         shutil.rmtree(os.path.join(self._shared_dir, "steps"), ignore_errors=True)
 
     def _start_streaming(self, key, config, level, transport):
@@ -886,7 +894,9 @@ def render_metrics(snapshot, running_steps):
         (stream, "%.3f" % figures["oldest_unsent_age"])
         for stream, figures in snapshot.items()
     ]
-    family("stream_oldest_unsent_seconds", "gauge", "Age of the oldest unsent line.", ages)
+    family(
+        "stream_oldest_unsent_seconds", "gauge", "Age of the oldest unsent line.", ages
+    )
     opened = [(stream, figures["open"]) for stream, figures in snapshot.items()]
     family("streams_open", "gauge", "Stream writers open now.", opened)
     out.append("# HELP liteengine_steps_running Steps started and not finished.")
@@ -1515,7 +1525,10 @@ def _replaced(path, identity):
 
 
 def _print_line(raw, printed, out):
-    """Print one NDJSON line's text unless its ``pos`` was printed; returns the last pos."""
+    """Print one NDJSON line's text unless its ``pos`` was already printed.
+
+    Returns the last ``pos`` printed.
+    """
     try:
         line = json.loads(raw)
         pos, text = line["pos"], line["out"]

@@ -646,7 +646,9 @@ class HTTPClient:
             if parts.scheme not in ("http", "https"):
                 raise ValueError(link)
         except (ValueError, KeyError, TypeError) as exc:
-            raise LogServiceError("upload link answer unusable", retryable=False) from exc
+            raise LogServiceError(
+                "upload link answer unusable", retryable=False
+            ) from exc
         # The link is a signed URL, often on another host: it gets the bytes
         # but never the token.
         target = parts.path + ("?" + parts.query if parts.query else "")
@@ -1070,7 +1072,9 @@ class LiveWriter:
             except Exception:
                 # The clients turn every failure into LogServiceError; this
                 # only keeps a bug of ours from reaching the caller.
-                log.exception("log writer not closed", extra={"fields": {"key": self.key}})
+                log.exception(
+                    "log writer not closed", extra={"fields": {"key": self.key}}
+                )
         return self.stats()
 
     def _new_timer(self, delay):
@@ -1090,7 +1094,9 @@ class LiveWriter:
                 self._flush()
             except Exception:
                 self._failing = True
-                log.exception("log stream flush failed", extra={"fields": {"key": self.key}})
+                log.exception(
+                    "log stream flush failed", extra={"fields": {"key": self.key}}
+                )
             with self._lock:
                 if self._closed or self._timer is not None:
                     return

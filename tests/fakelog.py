@@ -430,9 +430,7 @@ class FakeLogService:
         if fault == "hang":
             with self._cond:
                 epoch = self._hang_epoch
-                self._cond.wait_for(
-                    lambda: self._stopped or self._hang_epoch != epoch
-                )
+                self._cond.wait_for(lambda: self._stopped or self._hang_epoch != epoch)
         return None, None
 
     def _commit(self, op, query, lines, path, body=b""):

@@ -70,7 +70,7 @@ class EngineLogStreamTest(unittest.TestCase):
         self.assertFalse(self.service.is_open(KEY))
         self.assertEqual(self.service.violations(), [])
         everything = json.dumps(self.service.lines(KEY) + upload)
-        self.assertNotIn("tok\"", everything)
+        self.assertNotIn('tok"', everything)
 
         # Local printing went on while streaming.
         self.assertIsNotNone(self.engine.wait_for_stderr('msg="destroy done"'))

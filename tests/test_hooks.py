@@ -77,7 +77,9 @@ class FormatterTest(unittest.TestCase):
         self.assertEqual(masker.mask("ab abc"), "ab " + hooks.MASK)
 
     def test_multiline_secret_is_masked_line_by_line(self):
-        masker = hooks.Masker(["-----BEGIN KEY-----\nMIIEvQIBADANBg\n-----END KEY-----"])
+        masker = hooks.Masker(
+            ["-----BEGIN KEY-----\nMIIEvQIBADANBg\n-----END KEY-----"]
+        )
         self.assertNotIn("MIIEvQIBADANBg", masker.mask("key line: MIIEvQIBADANBg"))
 
 
@@ -99,7 +101,9 @@ class HandlerTest(unittest.TestCase):
         writer = RecordingWriter()
         handler = hooks.StreamHandler(writer, hooks.LogrusFormatter())
         for name in ("logstream", "test.app"):
-            record = logging.LogRecord(name, logging.INFO, __file__, 1, "kept", (), None)
+            record = logging.LogRecord(
+                name, logging.INFO, __file__, 1, "kept", (), None
+            )
             handler.handle(record)
         self.assertEqual(len(writer.lines), 1)
         self.assertIn("msg=kept", writer.lines[0][1])
@@ -197,9 +201,7 @@ class OutputFeedTest(unittest.TestCase):
 
     def test_secret_at_line_end_and_inside_a_word(self):
         _, lines = self.feed([b"xxhunter2-secretyy\nlast hunter2-secret"])
-        self.assertEqual(
-            lines, ["xx" + hooks.MASK + "yy\n", "last " + hooks.MASK]
-        )
+        self.assertEqual(lines, ["xx" + hooks.MASK + "yy\n", "last " + hooks.MASK])
 
     def test_multibyte_character_split_across_reads(self):
         data = "grüße ✓\n".encode()

@@ -141,7 +141,9 @@ class WriterTest(unittest.TestCase):
         self.assertLessEqual(size, 4000)
         self.assertTrue(upload[-1]["out"].startswith("line 199 "))
         positions = [line["pos"] for line in upload]
-        self.assertEqual(positions, list(range(positions[0], positions[0] + len(upload))))
+        self.assertEqual(
+            positions, list(range(positions[0], positions[0] + len(upload)))
+        )
         self.assertEqual(figures["dropped"], figures["lines"] - len(upload))
         self.assertGreater(figures["dropped"], 100)
         self.assertNoViolations()
@@ -212,7 +214,9 @@ class WriterTest(unittest.TestCase):
         paths = [r["path"] for r in self.service.requests()]
         self.assertIn("/blob/link/upload", paths)
         self.assertNotIn("/blob", paths)
-        signed = [r for r in self.service.requests() if r["path"].startswith("/_signed")]
+        signed = [
+            r for r in self.service.requests() if r["path"].startswith("/_signed")
+        ]
         self.assertEqual([r["has_token"] for r in signed], [False])
         self.assertNoViolations()
 
@@ -253,8 +257,17 @@ class FileStoreTest(unittest.TestCase):
         self.assertEqual([line["pos"] for line in lines], [0, 1])
 
     def test_keys_that_leave_the_folder_are_refused(self):
-        for key in ("../escape", "/etc/escape", "a/../../escape", "a\x00b", "a\nb",
-                    "", "x" * 4096, "a//b", "./a"):
+        for key in (
+            "../escape",
+            "/etc/escape",
+            "a/../../escape",
+            "a\x00b",
+            "a\nb",
+            "",
+            "x" * 4096,
+            "a//b",
+            "./a",
+        ):
             with self.subTest(key=key):
                 with self.assertRaises(logstream.LogServiceError) as caught:
                     self.store.open(key)

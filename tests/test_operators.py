@@ -55,7 +55,10 @@ class OperatorTest(unittest.TestCase):
         body.update(setup)
         self.post("/setup", body)
         command = "seq 1 %d" % step_lines
-        self.post("/start_step", {"id": "s", "log_key": "stage/s", "run": {"commands": [command]}})
+        self.post(
+            "/start_step",
+            {"id": "s", "log_key": "stage/s", "run": {"commands": [command]}},
+        )
         self.post("/poll_step", {"id": "s"})
         self.post("/destroy", {})
 
@@ -122,13 +125,18 @@ class OperatorTest(unittest.TestCase):
                 self.post("/poll_step", {"id": level})
                 self.post("/destroy", {})
                 [upload] = self.service.uploads(key)
-                levels = {re.search(r" level=\w+", o).group(0)[1:] for o in outs(upload)}
+                levels = {
+                    re.search(r" level=\w+", o).group(0)[1:] for o in outs(upload)
+                }
                 self.assertEqual(levels, set(expected), outs(upload))
         # Local printing is not filtered.
         self.assertIsNotNone(self.engine.wait_for_stderr('level=info msg="setup done"'))
 
     def test_unknown_level_is_a_bad_request(self):
-        body = {"le_log_key": ENGINE_KEY, "log_config": dict(self.config, le_log_level="loud")}
+        body = {
+            "le_log_key": ENGINE_KEY,
+            "log_config": dict(self.config, le_log_level="loud"),
+        }
         status, _, answer = request(self.engine.url, "POST", "/setup", body)
         self.assertEqual(status, 400)
         self.assertIn("le_log_level", answer["error_msg"])
@@ -140,7 +148,9 @@ class OperatorTest(unittest.TestCase):
         self.run_stage(le_log_config=own)
         self.assertTrue(other.uploads(ENGINE_KEY))
         self.assertEqual(self.service.uploads(ENGINE_KEY), [])
-        self.assertEqual(outs(self.service.uploads("stage/s")[0]), ["1\n", "2\n", "3\n"])
+        self.assertEqual(
+            outs(self.service.uploads("stage/s")[0]), ["1\n", "2\n", "3\n"]
+        )
         self.assertEqual(other.uploads("stage/s"), [])
         self.assertEqual(other.violations() + self.service.violations(), [])
 
@@ -162,7 +172,9 @@ class EnvironmentSettingsTest(unittest.TestCase):
 
     def test_default_level_from_the_environment(self):
         engine = self.engine(LE_LOG_LEVEL="warning")
-        self.post(engine, "/setup", {"le_log_key": ENGINE_KEY, "log_config": self.config})
+        self.post(
+            engine, "/setup", {"le_log_key": ENGINE_KEY, "log_config": self.config}
+        )
         self.post(engine, "/start_step", {"id": "x", "working_dir": "/nonexistent"})
         self.post(engine, "/poll_step", {"id": "x"})
         self.post(engine, "/destroy", {})
@@ -183,10 +195,14 @@ class EnvironmentSettingsTest(unittest.TestCase):
 
     def test_quiet_console_while_healthy_loud_while_failing(self):
         engine = self.engine(LE_LOG_STDOUT="false", LE_WRITE_TIMEOUT="0.3")
-        self.post(engine, "/setup", {"le_log_key": ENGINE_KEY, "log_config": self.config})
+        self.post(
+            engine, "/setup", {"le_log_key": ENGINE_KEY, "log_config": self.config}
+        )
 
         def step(step_id):
-            self.post(engine, "/start_step", {"id": step_id, "run": {"commands": ["true"]}})
+            self.post(
+                engine, "/start_step", {"id": step_id, "run": {"commands": ["true"]}}
+            )
             self.post(engine, "/poll_step", {"id": step_id})
             marker = "id=%s " % step_id
             self.service.wait_for(
@@ -199,9 +215,13 @@ class EnvironmentSettingsTest(unittest.TestCase):
 
         self.service.inject("write", "status", count=None, status=503)
         # The next record is quiet too, until its own flush fails.
-        self.post(engine, "/start_step", {"id": "trigger", "run": {"commands": ["true"]}})
+        self.post(
+            engine, "/start_step", {"id": "trigger", "run": {"commands": ["true"]}}
+        )
         self.assertIsNotNone(engine.wait_for_stderr('msg="log stream flush failed"'))
-        self.post(engine, "/start_step", {"id": "failing", "run": {"commands": ["true"]}})
+        self.post(
+            engine, "/start_step", {"id": "failing", "run": {"commands": ["true"]}}
+        )
         self.assertIsNotNone(engine.wait_for_stderr('msg="step started" id=failing'))
 
         self.service.clear_faults()

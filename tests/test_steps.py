@@ -15,6 +15,7 @@ from tests.test_api import request
 
 TOKEN = "step-test-token"
 
+
 def outs(lines):
     return [line["out"] for line in lines]
 
@@ -26,7 +27,11 @@ class StepTest(unittest.TestCase):
         self.engine = EngineProcess({"LE_FLUSH_INTERVAL": "0.2", "DEBUG": "true"})
         self.engine.start()
         self.addCleanup(self.engine.cleanup)
-        self.log_config = {"url": self.service.url, "account_id": "acct", "token": TOKEN}
+        self.log_config = {
+            "url": self.service.url,
+            "account_id": "acct",
+            "token": TOKEN,
+        }
         body = {"le_log_key": "stage/le", "log_config": self.log_config}
         body["secrets"] = ["stage-secret-1"]
         body["envs"] = {"FROM_SETUP": "setup-env"}
@@ -37,7 +42,11 @@ class StepTest(unittest.TestCase):
         return status, answer
 
     def start(self, step_id, *commands, **fields):
-        body = {"id": step_id, "log_key": "stage/" + step_id, "run": {"commands": commands}}
+        body = {
+            "id": step_id,
+            "log_key": "stage/" + step_id,
+            "run": {"commands": commands},
+        }
         body.update(fields)
         self.assertEqual(self.post("/start_step", body), (200, {}))
 
@@ -70,13 +79,13 @@ class StepTest(unittest.TestCase):
         open(marker, "w").close()
         self.assertTrue(live)
         self.assertEqual(self.poll("live")["exit_code"], 0)
-        self.assertEqual(outs(self.service.uploads("stage/live")[0]), ["early\n", "late\n"])
+        self.assertEqual(
+            outs(self.service.uploads("stage/live")[0]), ["early\n", "late\n"]
+        )
 
     def test_timeout_kills_the_process_group(self):
         pid_file = os.path.join(self.engine.workdir, "child.pid")
-        self.start(
-            "slow", "sleep 30 & echo $! > %s" % pid_file, "wait", timeout=1
-        )
+        self.start("slow", "sleep 30 & echo $! > %s" % pid_file, "wait", timeout=1)
         answer = self.poll("slow")
         self.assertEqual(answer["exit_code"], 124)
         self.assertIn("timed out", answer["error"])
@@ -98,7 +107,9 @@ class StepTest(unittest.TestCase):
         answer = self.poll("out")
         self.assertEqual(answer["outputs"], {"VERSION": "1.2.3"})
         self.assertEqual(answer["envs"], {"NEXT": "yes"})
-        self.assertEqual(outs(self.service.uploads("stage/out")[0]), ["setup-env step-env\n"])
+        self.assertEqual(
+            outs(self.service.uploads("stage/out")[0]), ["setup-env step-env\n"]
+        )
 
     def test_two_steps_at_once_do_not_mix(self):
         gate = os.path.join(self.engine.workdir, "gate")
@@ -132,7 +143,9 @@ class StepTest(unittest.TestCase):
                 "sh\n",
             ],
         )
-        everything = json.dumps(self.service.lines("stage/sec")) + self.read_output("sec")
+        everything = json.dumps(self.service.lines("stage/sec")) + self.read_output(
+            "sec"
+        )
         self.assertNotIn("hunter-22", everything)
         self.assertNotIn("stage-secret-1", everything)
         self.assertNotIn("hunter-22", "".join(self.engine.stderr_lines()))
@@ -227,7 +240,9 @@ class StepTest(unittest.TestCase):
         )
         parts = urllib.parse.urlsplit(self.engine.url)
         conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-        conn.request("POST", "/stream_output", json.dumps({"id": "follow", "offset": 0}))
+        conn.request(
+            "POST", "/stream_output", json.dumps({"id": "follow", "offset": 0})
+        )
         response = conn.getresponse()
         self.assertEqual(response.status, 200)
         first = response.read1(100)
