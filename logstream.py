@@ -931,10 +931,10 @@ class LiveWriter:
     logging handler: it never touches the network and never raises. About
     once a second (``interval``) a ``threading.Timer`` flushes what is
     pending in one write, and arms the next one; 256 KiB of pending lines
-    are flushed at once instead of waiting. A write that fails is sent again, in
-    order, by a later flush. ``close`` flushes, uploads the history and closes the
-    stream, each call bounded by its deadline and each attempted even when
-    the one before failed.
+    are flushed at once instead of waiting. A write that fails is sent
+    again, in order, by a later flush. ``close`` flushes, uploads the
+    history and closes the stream, each call bounded by its deadline and
+    each attempted even when the one before failed.
 
     The history keeps the newest lines up to ``limit`` bytes of encoded
     NDJSON and drops the oldest first; each line's text is capped at 70 KiB.
@@ -944,9 +944,11 @@ class LiveWriter:
     Locking: ``_lock`` guards the pending lines, the history, the counters
     and the timer. It is a leaf: while it is held nothing logs, touches the
     network, or takes another lock, so a thread that logs can never wait on
-    the service or deadlock against a flush. ``_send_lock`` keeps one flush,
-    upload or close at a time; it may be held while logging, because logging
-    only ever reaches ``append``, which never takes it.
+    the service or deadlock against a flush. ``_room`` is a condition on
+    that same lock, for ``wait_for_room`` alone; ``append`` never waits on
+    it. ``_send_lock`` keeps one flush, upload or close at a time; it may be
+    held while logging, because logging only ever reaches ``append``, which
+    never takes it.
     """
 
     def __init__(self, client, key, config, interval=1.0, limit=HISTORY_LIMIT):
@@ -1053,6 +1055,7 @@ class LiveWriter:
         with self._lock:
             already_closed, self._closed = self._closed, True
             timer, self._timer = self._timer, None
+            self._room.notify_all()
         if already_closed:
             return self.stats()
         if timer is not None:
