@@ -53,8 +53,6 @@ import os
 import platform
 import pstats
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,11 +66,24 @@ ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "liteengine.py"
 HOST = "127.0.0.1"
 MIB = 1024 * 1024
+STOP_SECONDS = 20.0
 
+# The engine's modules come from the source tree and the process helpers from
+# tools/startup.py, whatever folder this script is started from.
+sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
 import hooks  # noqa: E402
 import logstream  # noqa: E402
+from startup import (  # noqa: E402
+    NoAnswer,
+    cpu_model,
+    first_200,
+    free_port,
+    proc_kib,
+    status_kib,
+    stop_process,
+)
 
 ACCOUNT = "bench-account"
 TOKEN = "bench-token"
@@ -243,25 +254,6 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
 # ------------------------------------------------------------ small tools
 
 
-def free_port():
-    """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def proc_kib(pid, field):
-    """``field`` (``VmRSS``, ``VmHWM``) of process ``pid`` in KiB, or None."""
-    try:
-        with open("/proc/%d/status" % pid, encoding="ascii") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def request(port, method, path, body=None, timeout=60.0):
     """One call to a local server; returns ``(status, decoded JSON or None)``."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
@@ -284,35 +276,12 @@ def wait_for_200(port, path, process, timeout=20.0):
 
     Raises ``RuntimeError`` when ``process`` exits or ``timeout`` passes.
     """
-    deadline = time.perf_counter() + timeout
-    while True:
-        conn = http.client.HTTPConnection(HOST, port, timeout=1.0)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            response.read()
-            if response.status == 200:
-                return time.perf_counter()
-        except OSError:
-            pass
-        finally:
-            conn.close()
-        if process.poll() is not None:
-            raise RuntimeError("server exited with %s" % process.returncode)
-        if time.perf_counter() > deadline:
-            raise RuntimeError("server gave no 200 within %gs" % timeout)
-        time.sleep(0.002)
-
-
-def stop_process(process, timeout=20.0):
-    """SIGTERM ``process`` and wait; SIGKILL it if it does not exit in time."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        return first_200(port, path, process, time.perf_counter() + timeout)
+    except NoAnswer as exc:
+        if exc.returncode is None:
+            raise RuntimeError("server gave no 200 within %gs" % timeout) from None
+        raise RuntimeError("server exited with %s" % exc.returncode) from None
 
 
 def engine_command(python, pyz=None):
@@ -360,7 +329,7 @@ class Engine:
 
     def stop(self):
         """Stop the engine the way the runner does, with SIGTERM."""
-        stop_process(self.process)
+        stop_process(self.process, STOP_SECONDS)
 
 
 def start_baseline_server(command, workdir, module):
@@ -580,6 +549,23 @@ class Row:
             "complete": self.complete,
             "note": self.note,
         }
+
+
+def median_ms_row(figure, measured, baseline, target, note):
+    """A Row of the medians of two lists of seconds, shown in milliseconds."""
+    return Row(
+        figure,
+        statistics.median(measured) * 1000,
+        statistics.median(baseline) * 1000,
+        "ms",
+        target,
+        note=note,
+    )
+
+
+def milliseconds(seconds):
+    """The list ``seconds``, each value in milliseconds."""
+    return [value * 1000 for value in seconds]
 
 
 def caller_cost(settings, service, profile=None):
@@ -862,17 +848,11 @@ def final_upload(settings, service):
         response.read()
         baseline.append(time.perf_counter() - began)
         conn.close()
-    row = Row(
-        "final upload",
-        statistics.median(measured) * 1000,
-        statistics.median(baseline) * 1000,
-        "ms",
-        1.5,
-        note="%.2f MiB NDJSON" % (statistics.median(sizes) / MIB),
-    )
+    note = "%.2f MiB NDJSON" % (statistics.median(sizes) / MIB)
+    row = median_ms_row("final upload", measured, baseline, 1.5, note)
     details = {
-        "upload ms": [value * 1000 for value in measured],
-        "post ms": [value * 1000 for value in baseline],
+        "upload ms": milliseconds(measured),
+        "post ms": milliseconds(baseline),
         "bytes": sizes,
     }
     return [row], details
@@ -901,7 +881,7 @@ def api(settings, python, command, workdir):
             totals[side][2] += result["errors"]
     finally:
         engine.stop()
-        stop_process(server)
+        stop_process(server, STOP_SECONDS)
     rates = {side: count / spent for side, (count, spent, _) in totals.items()}
     errors = totals["engine"][2] + totals["stdlib"][2]
     note = "8 keep-alive threads"
@@ -938,7 +918,7 @@ def memory(settings, command, workdir, service):
         if status != 200:
             raise RuntimeError("/setup answered %s %s" % (status, answer))
         time.sleep(1.5)
-        idle = proc_kib(pid, "VmRSS")
+        idle = status_kib(pid, "VmRSS")
 
         step = {
             "id": "bench-step",
@@ -953,7 +933,7 @@ def memory(settings, command, workdir, service):
 
         def sample():
             while running.is_set():
-                value = proc_kib(pid, "VmRSS")
+                value = status_kib(pid, "VmRSS")
                 if value is not None:
                     samples.append(value)
                 time.sleep(0.02)
@@ -973,12 +953,12 @@ def memory(settings, command, workdir, service):
         if status != 200 or answer.get("exit_code") != 0:
             raise RuntimeError("the step failed: %s %s" % (status, answer))
         time.sleep(1.0)
-        after = proc_kib(pid, "VmRSS")
-        peak = max(samples + [proc_kib(pid, "VmHWM") or 0])
+        after = status_kib(pid, "VmRSS")
+        peak = max(samples + [status_kib(pid, "VmHWM") or 0])
         streamed = service.lines("bench/step")
         request(engine.port, "POST", "/destroy", {})
         time.sleep(0.5)
-        destroyed = proc_kib(pid, "VmRSS")
+        destroyed = status_kib(pid, "VmRSS")
     finally:
         engine.stop()
     note = "%d lines, %d acknowledged, step %.1fs" % (lines, streamed, step_seconds)
@@ -1027,7 +1007,7 @@ def startup(settings, python, command, workdir):
     flags = command[1:-1]
     engine_times, stdlib_times = [], []
     for run in range(settings["startup_runs"]):
-        for side in (("engine", "stdlib") if run % 2 == 0 else ("stdlib", "engine")):
+        for side in ("engine", "stdlib") if run % 2 == 0 else ("stdlib", "engine"):
             folder = tempfile.mkdtemp(dir=workdir)
             if side == "engine":
                 engine = Engine(command, folder)
@@ -1042,18 +1022,12 @@ def startup(settings, python, command, workdir):
                 try:
                     stdlib_times.append(wait_for_200(port, "/", server) - started)
                 finally:
-                    stop_process(server)
-    row = Row(
-        "start-up",
-        statistics.median(engine_times) * 1000,
-        statistics.median(stdlib_times) * 1000,
-        "ms",
-        2.0,
-        note="median of %d" % len(engine_times),
-    )
+                    stop_process(server, STOP_SECONDS)
+    note = "median of %d" % len(engine_times)
+    row = median_ms_row("start-up", engine_times, stdlib_times, 2.0, note)
     details = {
-        "engine ms": [value * 1000 for value in engine_times],
-        "stdlib ms": [value * 1000 for value in stdlib_times],
+        "engine ms": milliseconds(engine_times),
+        "stdlib ms": milliseconds(stdlib_times),
     }
     return [row], details
 
@@ -1063,18 +1037,9 @@ def startup(settings, python, command, workdir):
 
 def machine():
     """The machine the figures come from."""
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    memory_kib = proc_kib_total()
+    memory_kib = proc_kib("/proc/meminfo", "MemTotal")
     return {
-        "cpu": model,
+        "cpu": cpu_model("unknown"),
         "cores": os.cpu_count(),
         "usable cores": len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
@@ -1093,18 +1058,6 @@ def load_average():
             return " ".join(loadavg.read().split()[:3])
     except OSError:
         return "unknown"
-
-
-def proc_kib_total():
-    """Total memory in KiB from /proc/meminfo, or None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as info:
-            for line in info:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def table(rows):

@@ -17,6 +17,10 @@ targets are interleaved so a slow moment of the machine hits all of them.
 The table gives the median and the best run of each.
 
 Only 127.0.0.1 is contacted. Exit codes: 0 measured, 1 a target failed.
+
+tools/bench.py imports the helpers of the first section (a free port, /proc
+readings, polling for the first 200, stopping a child), so that both tools
+start, time and read their servers the same way.
 """
 
 import argparse
@@ -87,7 +91,7 @@ def baseline_target(python):
 
 
 # ---------------------------------------------------------------------------
-# One run
+# Helpers, shared with tools/bench.py
 
 
 def free_port():
@@ -95,6 +99,27 @@ def free_port():
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def proc_kib(path, field):
+    """Return ``field`` of a /proc file in KiB, or None where the file does not tell.
+
+    ``path`` is one of the files that list ``Name:  1234 kB`` lines, such as
+    /proc/PID/status (``VmRSS``, ``VmHWM``) or /proc/meminfo (``MemTotal``).
+    """
+    try:
+        with open(path, encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def status_kib(pid, field="VmRSS"):
+    """Return ``field`` of /proc/PID/status in KiB (VmRSS: resident), or None."""
+    return proc_kib("/proc/%d/status" % pid, field)
 
 
 def answers_200(port, path, timeout):
@@ -111,19 +136,34 @@ def answers_200(port, path, timeout):
         connection.close()
 
 
-def resident_kib(pid):
-    """Return VmRSS of ``pid`` in KiB, or None where /proc does not tell."""
-    try:
-        with open("/proc/%d/status" % pid, encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+class NoAnswer(Exception):
+    """A polled server exited, or was still silent when its time ran out.
+
+    ``returncode`` is the exit code of a server that exited, None otherwise.
+    """
+
+    def __init__(self, returncode):
+        super().__init__(returncode)
+        self.returncode = returncode
 
 
-def stop(process, timeout=5.0):
+def first_200(port, path, process, give_up_at, interval=0.002):
+    """Poll ``path`` until it answers 200; return the ``perf_counter`` then.
+
+    Each GET may take up to a second. Raises NoAnswer once ``process`` has
+    exited, or once ``time.perf_counter()`` is past ``give_up_at``.
+    """
+    while True:
+        if answers_200(port, path, timeout=1.0):
+            return time.perf_counter()
+        if process.poll() is not None:
+            raise NoAnswer(process.returncode)
+        if time.perf_counter() > give_up_at:
+            raise NoAnswer(None)
+        time.sleep(interval)
+
+
+def stop_process(process, timeout=5.0):
     """SIGTERM ``process``, then kill it if it has not exited in ``timeout``."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -132,6 +172,22 @@ def stop(process, timeout=5.0):
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def cpu_model(fallback):
+    """Return the CPU's model name from /proc/cpuinfo, or ``fallback``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return fallback
+
+
+# ---------------------------------------------------------------------------
+# One run
 
 
 def measure(target, deadline=15.0, poll_interval=0.002):
@@ -157,20 +213,19 @@ def measure(target, deadline=15.0, poll_interval=0.002):
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
+            give_up_at = started + deadline
             try:
-                while True:
-                    if answers_200(port, target.probe, timeout=1.0):
-                        elapsed = time.perf_counter() - started
-                        return elapsed, resident_kib(process.pid)
-                    if process.poll() is not None:
-                        problem = "exited with code %d" % process.returncode
-                        break
-                    if time.perf_counter() - started > deadline:
-                        problem = "did not answer within %.0f s" % deadline
-                        break
-                    time.sleep(poll_interval)
+                answered = first_200(
+                    port, target.probe, process, give_up_at, poll_interval
+                )
+                return answered - started, status_kib(process.pid)
+            except NoAnswer as exc:
+                if exc.returncode is None:
+                    problem = "did not answer within %.0f s" % deadline
+                else:
+                    problem = "exited with code %d" % exc.returncode
             finally:
-                stop(process)
+                stop_process(process)
         with open(output_path, "rb") as output:
             tail = output.read().decode("utf-8", "replace").splitlines()[-10:]
     raise StartupError(
@@ -184,15 +239,7 @@ def measure(target, deadline=15.0, poll_interval=0.002):
 
 def machine():
     """Return the facts a reader needs to compare numbers with their own."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or platform.machine())
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
 
 
