@@ -16,11 +16,13 @@ import copy
 import datetime
 import http.server
 import json
+import os
 import re
 import secrets
 import socket
 import socketserver
 import ssl
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -634,3 +636,36 @@ class SilentListener:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def self_signed_certificate(folder, common_name="127.0.0.1"):
+    """Write a one-day self-signed certificate for 127.0.0.1 with openssl.
+
+    Returns ``(cert_path, key_path)``; the caller checks openssl is there.
+    """
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=" + common_name,
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -7,48 +7,16 @@ must refuse the service anyway: only certifi's bundle, shipped with the
 engine, decides whom it talks to.
 """
 
-import os
 import shutil
 import ssl
-import subprocess
 import tempfile
 import unittest
 
-from tests.engine_proc import EngineProcess
-from tests.fakelog import FakeLogService
+from tests.engine_proc import EngineProcess, short_deadlines
+from tests.fakelog import FakeLogService, self_signed_certificate
 from tests.test_api import request
 
 KEY = "acct/stage-ca/le"
-
-
-def make_certificate(folder):
-    """Write a self-signed certificate for 127.0.0.1; returns (cert, key) paths."""
-    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=liteengine-test-host-ca",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            key,
-            "-out",
-            cert,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command")
@@ -58,7 +26,7 @@ class BundledCaTest(unittest.TestCase):
     def test_host_trust_store_is_ignored(self):
         folder = tempfile.mkdtemp(prefix="liteengine-test-ca-")
         self.addCleanup(shutil.rmtree, folder)
-        cert, key = make_certificate(folder)
+        cert, key = self_signed_certificate(folder, "liteengine-test-host-ca")
         server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_context.load_cert_chain(cert, key)
         service = FakeLogService(ssl_context=server_context).start()
@@ -68,10 +36,7 @@ class BundledCaTest(unittest.TestCase):
             {
                 "SSL_CERT_FILE": cert,
                 "SSL_CERT_DIR": folder,
-                "LE_OPEN_TIMEOUT": "0.5",
-                "LE_WRITE_TIMEOUT": "0.5",
-                "LE_UPLOAD_TIMEOUT": "0.5",
-                "LE_CLOSE_TIMEOUT": "0.5",
+                **short_deadlines(0.5),
             }
         ).start()
         self.addCleanup(engine.cleanup)

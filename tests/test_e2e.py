@@ -5,7 +5,7 @@ import os
 import time
 import unittest
 
-from tests.engine_proc import EngineProcess
+from tests.engine_proc import EngineProcess, short_deadlines
 from tests.fakelog import FakeLogService
 from tests.test_api import request
 
@@ -128,14 +128,7 @@ class EngineLogStreamTest(unittest.TestCase):
 
     def test_unreachable_service_still_answers_setup_and_destroy(self):
         self.service.stop()
-        engine = EngineProcess(
-            {
-                "LE_OPEN_TIMEOUT": "0.5",
-                "LE_WRITE_TIMEOUT": "0.5",
-                "LE_UPLOAD_TIMEOUT": "0.5",
-                "LE_CLOSE_TIMEOUT": "0.5",
-            }
-        ).start()
+        engine = EngineProcess(short_deadlines(0.5)).start()
         self.addCleanup(engine.cleanup)
         body = setup_body(self.service)
         started = time.monotonic()

@@ -2,17 +2,15 @@
 
 import http.client
 import json
-import os
 import shutil
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
 import unittest
 import urllib.parse
 
-from tests.fakelog import FakeLogService
+from tests.fakelog import FakeLogService, self_signed_certificate
 
 
 def make_line(pos, out="hello\n", level="info", stamp="2026-12-04T10:30:00.123456Z"):
@@ -278,31 +276,7 @@ class FakeLogServiceTlsTest(unittest.TestCase):
     def test_https(self):
         folder = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, folder)
-        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                key,
-                "-out",
-                cert,
-            ],
-            check=True,
-            capture_output=True,
-        )
+        cert, key = self_signed_certificate(folder)
         server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server_context.load_cert_chain(cert, key)
         service = FakeLogService(ssl_context=server_context).start()

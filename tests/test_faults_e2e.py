@@ -23,19 +23,13 @@ import unittest
 import urllib.parse
 
 from tests import badinput_corpus
-from tests.engine_proc import EngineProcess
+from tests.engine_proc import EngineProcess, short_deadlines
 from tests.fakelog import FakeLogService, SilentListener
 from tests.faults_common import KEY, MARGIN, figure, log_config, outs
 
 # Short deadlines for the engine process, the same for every kind of call.
 DEADLINE = 1.0
-SHORT = {
-    "LE_OPEN_TIMEOUT": str(DEADLINE),
-    "LE_WRITE_TIMEOUT": str(DEADLINE),
-    "LE_UPLOAD_TIMEOUT": str(DEADLINE),
-    "LE_CLOSE_TIMEOUT": str(DEADLINE),
-    "LE_FLUSH_INTERVAL": "0.2",
-}
+SHORT = dict(short_deadlines(DEADLINE), LE_FLUSH_INTERVAL="0.2")
 
 
 def call(url, method, path, body=None, timeout=30.0):
