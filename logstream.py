@@ -85,7 +85,7 @@ class LogConfig:
 
     url: str = ""
     account_id: str = ""
-    token: str = ""
+    token: str = dataclasses.field(default="", repr=False)
     indirect_upload: bool = False
     trim_new_line_suffix: bool = False
     skip_opening_stream: bool = False
