@@ -636,7 +636,7 @@ class HTTPClient:
         """Upload NDJSON slabs as one body, through the service or by a link."""
         body = list(slabs)
         retry = Retry.within(self._deadlines.upload)
-        if not self._config.indirect_upload:
+        if self._config.indirect_upload:
             self._call("POST", "/blob", key, body, retry)
             return
         answer = self._call("POST", "/blob/link/upload", key, None, retry)

@@ -97,6 +97,7 @@ class EngineLogStreamTest(unittest.TestCase):
         self.assertEqual(len(self.service.closes(KEY)), 1)
 
     def test_indirect_upload_and_trimmed_lines(self):
+        # indirect_upload: the upload goes through the service, not a link.
         config = {
             "url": self.service.url,
             "account_id": "acct",
@@ -110,7 +111,16 @@ class EngineLogStreamTest(unittest.TestCase):
         self.assertTrue(upload)
         self.assertFalse(any(o.endswith("\n") for o in outs(upload)))
         paths = {r["path"] for r in self.service.requests()}
+        self.assertIn("/blob", paths)
+        self.assertNotIn("/blob/link/upload", paths)
+
+    def test_by_default_the_upload_goes_by_signed_link(self):
+        self.post("/setup", setup_body(self.service))
+        self.post("/destroy", {})
+        self.assertEqual(len(self.service.uploads(KEY)), 1)
+        paths = [r["path"] for r in self.service.requests()]
         self.assertIn("/blob/link/upload", paths)
+        self.assertNotIn("/blob", paths)
 
     def test_token_and_secrets_never_in_any_line(self):
         service = FakeLogService(token="very-secret-token-123").start()

@@ -280,7 +280,7 @@ class NoDeadlockTest(unittest.TestCase):
         """A setup streaming to the fake; uploads go by link, cheap to refuse."""
         body = {
             "le_log_key": key,
-            "log_config": log_config(self.service, indirect_upload=True),
+            "log_config": log_config(self.service, indirect_upload=False),
         }
         return liteengine.SetupRequest.from_json(body)
 

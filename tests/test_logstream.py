@@ -120,7 +120,11 @@ class WriterTest(unittest.TestCase):
             )
             writer.append("kept too\n")
             figures = writer.close()
-        writes = [r for r in self.service.requests() if r["method"] == "PUT"]
+        writes = [
+            r
+            for r in self.service.requests()
+            if (r["method"], r["path"]) == ("PUT", "/stream")
+        ]
         self.assertEqual(len(writes), 1)
         self.assertIn("live writes stopped", "\n".join(logged.output))
         [upload] = self.service.uploads(KEY)
@@ -204,8 +208,19 @@ class WriterTest(unittest.TestCase):
         self.assertEqual(self.service.closes(KEY), [])
         self.assertTrue(self.service.is_open(KEY))
 
-    def test_upload_by_link(self):
+    def test_upload_through_the_service(self):
         writer = self.writer(indirect_upload=True)
+        writer.append("through the service\n")
+        writer.close()
+        [upload] = self.service.uploads(KEY)
+        self.assertEqual(upload[0]["out"], "through the service\n")
+        paths = [r["path"] for r in self.service.requests()]
+        self.assertIn("/blob", paths)
+        self.assertNotIn("/blob/link/upload", paths)
+        self.assertNoViolations()
+
+    def test_upload_by_link(self):
+        writer = self.writer(indirect_upload=False)
         writer.open()
         writer.append("through a link\n")
         writer.close()
