@@ -490,14 +490,17 @@ class Step:
         }
 
     def kill(self, reason, exit_code=137):
-        """Kill the step's whole process group, unless it has exited already.
+        """Kill the step's whole process group, unless the step is over.
 
+        The step is over once its output has ended and its result is
+        settled: a shell that has exited while a background child still
+        holds the output is not, and the child is killed with the group.
         ``reason`` becomes the step's error and ``exit_code`` its exit code.
         """
         with self._lock:
-            process = self._process
-            if process is not None and process.poll() is not None:
+            if self.exit_code is not None:
                 return
+            process = self._process
             if self._stopped_because is None:
                 self._stopped_because = (exit_code, reason)
         if process is not None:
@@ -607,12 +610,13 @@ class Step:
 
     def _settle(self):
         code = self._process.returncode
-        if self._stopped_because is not None:
-            self.exit_code, self.error = self._stopped_because
-        else:
-            self.exit_code = code if code >= 0 else 128 - code
-            if code != 0:
-                self.error = "exit status %d" % self.exit_code
+        with self._lock:
+            if self._stopped_because is not None:
+                self.exit_code, self.error = self._stopped_because
+            else:
+                self.exit_code = code if code >= 0 else 128 - code
+                if code != 0:
+                    self.error = "exit status %d" % self.exit_code
         self.outputs = {
             name: value
             for name, value in read_exports(self._env["DRONE_OUTPUT"]).items()

@@ -94,6 +94,20 @@ class StepTest(unittest.TestCase):
         self.assertFalse(process_alive(child))
         self.assertEqual(len(self.service.uploads("stage/slow")), 1)
 
+    def test_timeout_kills_a_background_child_holding_the_output(self):
+        pid_file = os.path.join(self.engine.workdir, "orphan.pid")
+        self.start(
+            "orphan",
+            "(sleep 30; echo late) & echo $! > %s" % pid_file,
+            "echo started",
+            timeout=1,
+        )
+        answer = self.poll("orphan")
+        self.assertEqual(answer["exit_code"], 124)
+        with open(pid_file) as file:
+            self.assertFalse(process_alive(int(file.read())))
+        self.assertEqual(outs(self.service.uploads("stage/orphan")[0]), ["started\n"])
+
     def test_outputs_and_envs(self):
         self.start(
             "out",
