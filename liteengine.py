@@ -685,7 +685,8 @@ class Engine:
         self._steps_lock = threading.Lock()
         self._steps = {}
         self._stage = SetupRequest()
-        self._secrets = set()
+        self._stage_secrets = frozenset()
+        self._step_secrets = set()
         self._refuse_steps = False
         self.metrics = logstream.StreamMetrics()
 
@@ -697,14 +698,17 @@ class Engine:
         not an error, and the setup still succeeds.
         """
         started = time.monotonic()
+        tokens = [request.log_config.token]
+        if request.le_log_config is not None:
+            tokens.append(request.le_log_config.token)
+        transport = self._transport.with_envs(request.envs)
+        proxies = transport.secrets()
+        for problem in transport.problems():
+            log.warning("proxy setting unusable", extra=hooks.fields(error=problem))
         with self._steps_lock:
             self._stage = request
-            self._secrets.update(request.secrets)
-            self._secrets.add(request.log_config.token)
-            if request.le_log_config is not None:
-                self._secrets.add(request.le_log_config.token)
-            self._secrets.update(self._transport.with_envs(request.envs).secrets())
-            self._masker.update(self._secrets)
+            self._stage_secrets = frozenset(request.secrets + tuple(tokens) + proxies)
+            self._masker.update(self._stage_secrets | self._step_secrets)
         with self._stage_lock:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
@@ -712,7 +716,6 @@ class Engine:
                 self._stop_streaming()
                 config = request.le_log_config or request.log_config
                 level = request.le_log_level or self._stream_level
-                transport = self._transport.with_envs(request.envs)
                 self._start_streaming(request.le_log_key, config, level, transport)
             log.info(
                 "setup done",
@@ -726,6 +729,13 @@ class Engine:
             log.info("destroy started")
             self._stop_steps()
             counters = self._stop_streaming()
+            with self._steps_lock:
+                # Nothing of this stage outlives it: not its settings for a
+                # step started without a new /setup, not its secrets.
+                self._stage = SetupRequest()
+                self._stage_secrets = frozenset()
+                self._step_secrets.clear()
+                self._masker.update(())
             log.info(
                 "destroy done",
                 extra=hooks.fields(**dict(counters, latency=_latency(started))),
@@ -750,10 +760,10 @@ class Engine:
                 raise EngineClosed("the engine is shutting down")
             if request.id in self._steps:
                 raise ValueError("step %s was already started" % request.id)
-            step = self._new_step(request, self._stage)
+            step = self._new_step(request, self._stage, self._stage_secrets)
             self._steps[request.id] = step
-            self._secrets.update(step.masker.secrets)
-            self._masker.update(self._secrets)
+            self._step_secrets.update(step.masker.secrets)
+            self._masker.update(self._stage_secrets | self._step_secrets)
         log.info(
             "step started",
             extra=hooks.fields(id=request.id, name=request.name, key=step.key),
@@ -786,7 +796,7 @@ class Engine:
         with self._steps_lock:
             return self._steps[step_id]
 
-    def _new_step(self, request, stage):
+    def _new_step(self, request, stage, stage_secrets):
         digest = hashlib.sha256(request.id.encode("utf-8", "surrogatepass"))
         folder = os.path.join(self._shared_dir, "steps", digest.hexdigest()[:16])
         os.makedirs(folder, exist_ok=True)
@@ -803,7 +813,9 @@ class Engine:
         )
         key = request.log_key or request.id
         writer = logstream.LiveWriter(client, key, config, self._flush_interval)
-        masker = hooks.Masker(stage.secrets + request.secrets + (config.token,))
+        own = request.secrets + (config.token,)
+        proxies = self._transport.with_envs(request.environment).secrets()
+        masker = hooks.Masker(stage_secrets.union(own, proxies))
         self.metrics.opened("step", writer)
         return Step(request, env, folder, writer, masker, self.metrics)
 

@@ -310,12 +310,33 @@ class Transport:
         Steps see these variables too, so they belong in the masker.
         """
         found = set()
-        for _, value in self.proxy_env:
+        for name, value in self.proxy_env:
+            if name.lower() == "no_proxy":
+                continue
             text = value if "://" in value else "http://" + value
-            password = urllib.parse.urlsplit(text).password
+            try:
+                password = urllib.parse.urlsplit(text).password
+            except ValueError:
+                # Unreadable, so its password cannot be told apart: hide it all.
+                found.add(value)
+                continue
             if password:
                 found.update((password, urllib.parse.unquote(password)))
         return tuple(sorted(found))
+
+    def problems(self):
+        """A message for each proxy variable that cannot be used, naming it."""
+        found = []
+        for name, value in self.proxy_env:
+            if name.lower() == "no_proxy" or not value.strip():
+                continue
+            try:
+                _Proxy.parse(name, value.strip())
+            except LogServiceError as exc:
+                found.append(str(exc))
+            except ValueError:
+                found.append("%s is not a proxy URL like http://host:port" % name)
+        return found
 
     def tls_context(self, client_cert=None):
         """The client TLS context to use, presenting ``client_cert`` if given."""

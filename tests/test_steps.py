@@ -164,6 +164,40 @@ class StepTest(unittest.TestCase):
         self.assertNotIn("stage-secret-1", everything)
         self.assertNotIn("hunter-22", "".join(self.engine.stderr_lines()))
 
+    def test_stage_token_and_proxy_password_masked_in_own_config_steps(self):
+        other = FakeLogService(token="other-token-2").start()
+        self.addCleanup(other.stop)
+        envs = {"HTTPS_PROXY": "http://user:proxy-pass-77@127.0.0.1:9"}
+        body = {"le_log_key": "stage/le", "log_config": self.log_config, "envs": envs}
+        self.assertEqual(self.post("/setup", body), (200, {}))
+        config = {"url": other.url, "account_id": "acct", "token": "other-token-2"}
+        self.start(
+            "own",
+            "echo %s other-token-2 $HTTPS_PROXY" % TOKEN,
+            log_config=config,
+        )
+        self.poll("own")
+        [line] = outs(other.uploads("stage/own")[0])
+        for secret in (TOKEN, "other-token-2", "proxy-pass-77"):
+            self.assertNotIn(secret, line)
+        self.assertNotIn("proxy-pass-77", "".join(self.engine.stderr_lines()))
+
+    def test_secrets_are_forgotten_with_their_stage(self):
+        self.start("first", "true", secrets=["done"])
+        self.poll("first")
+        self.post("/destroy", {})
+        self.post("/setup", {"le_log_key": "stage/le2", "log_config": self.log_config})
+        self.post("/destroy", {})
+        [upload] = self.service.uploads("stage/le2")
+        self.assertTrue(any('msg="setup done"' in o for o in outs(upload)))
+
+    def test_unusable_proxy_setting_is_a_warning(self):
+        body = {"le_log_key": "stage/le", "envs": {"HTTPS_PROXY": "http://[bad"}}
+        self.assertEqual(self.post("/setup", body), (200, {}))
+        self.assertIsNotNone(
+            self.engine.wait_for_stderr('msg="proxy setting unusable"')
+        )
+
     def test_destroy_kills_running_steps(self):
         self.start("forever", "echo started", "sleep 60")
         self.service.wait_for(lambda s: "started\n" in outs(s.lines("stage/forever")))
