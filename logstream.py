@@ -760,11 +760,15 @@ class HTTPClient:
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
         try:
-            conn.request(
-                method, prefix + target, body=body, headers={**headers, **proxy_headers}
-            )
-            response = conn.getresponse()
-            data = response.read()
+            with _cut_at(conn, timeout):
+                conn.request(
+                    method,
+                    prefix + target,
+                    body=body,
+                    headers={**headers, **proxy_headers},
+                )
+                response = conn.getresponse()
+                data = response.read()
         except BaseException:
             conn.close()
             self._conn = None
@@ -773,6 +777,33 @@ class HTTPClient:
             conn.close()
             self._conn = None
         return response.status, data
+
+
+@contextlib.contextmanager
+def _cut_at(conn, seconds):
+    """Shut ``conn``'s socket down if the block is still running after ``seconds``.
+
+    A socket timeout bounds each read, not a whole answer: a service that
+    sends a byte now and then would hold a call far past its deadline. The
+    shutdown ends the blocked read at once, and the call fails as any broken
+    connection does.
+    """
+
+    def cut():
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _length(body):
@@ -839,9 +870,10 @@ def _one_shot(parts, target, body, tls, transport, timeout):
     )
     try:
         headers = dict(headers, **{"Content-Length": str(_length(body))})
-        conn.request("PUT", prefix + target, body=body, headers=headers)
-        response = conn.getresponse()
-        response.read()
+        with _cut_at(conn, timeout):
+            conn.request("PUT", prefix + target, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
         return response.status, b""
     finally:
         conn.close()

@@ -28,7 +28,9 @@ import time
 import urllib.parse
 
 OPERATIONS = ("open", "write", "close", "upload", "link", "link_put")
-FAULTS = ("status", "reset", "hang")
+FAULTS = ("status", "reset", "hang", "drip")
+# A dripped answer comes a byte at a time, this many seconds apart.
+DRIP_INTERVAL = 0.1
 LEVELS = frozenset(("debug", "info", "warning", "error", "fatal", "trace"))
 LINE_FIELDS = frozenset(("level", "pos", "out", "time", "args"))
 
@@ -299,8 +301,9 @@ class FakeLogService:
         """Make the next count requests for op fail; count=None means forever.
 
         fault is "status" (answer status), "reset" (close the connection
-        without an answer) or "hang" (answer nothing until ``release_hangs``
-        or ``stop``). Rules for one op are used up in the order given.
+        without an answer), "hang" (answer nothing until ``release_hangs``
+        or ``stop``) or "drip" (answer 204 a byte every ``DRIP_INTERVAL``
+        seconds). Rules for one op are used up in the order given.
         """
         if op not in OPERATIONS:
             raise ValueError(f"op must be one of {OPERATIONS}, not {op!r}")
@@ -429,6 +432,8 @@ class FakeLogService:
     def _apply_fault(self, fault, status):
         if fault == "status":
             return status, {"error_msg": f"injected fault: status {status}"}
+        if fault == "drip":
+            return "drip", None
         if fault == "hang":
             with self._cond:
                 epoch = self._hang_epoch
@@ -553,8 +558,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         )
         if status is None or body is None:
             self.close_connection = True
-        if status is not None:
+        if status == "drip":
+            self._drip()
+        elif status is not None:
             self._answer(status, payload)
+
+    def _drip(self):
+        """Answer 204, but a byte at a time, until done or the service stops."""
+        service = self.server.service
+        self.close_connection = True
+        for byte in b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n":
+            with service._cond:
+                if service._cond.wait_for(lambda: service._stopped, DRIP_INTERVAL):
+                    return
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
     do_OPTIONS = _dispatch

@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import tempfile
+import time
 import unittest
 import urllib.parse
 
@@ -108,6 +109,21 @@ class WriterTest(unittest.TestCase):
         self.assertGreaterEqual(figures["retries"], 1)
         self.assertEqual(self.service.lines(KEY)[-1]["out"], "survives a reset\n")
         self.assertNoViolations()
+
+    def test_an_answer_dripping_in_is_cut_at_the_deadline(self):
+        quick = logstream.Deadlines(open=0.5, write=0.5, upload=0.5, close=0.5)
+        writer = self.writer(deadlines=quick)
+        for op in ("open", "write", "link", "close"):
+            self.service.inject(op, "drip", count=None)
+        started = time.monotonic()
+        with self.assertLogs("logstream", "WARNING"):
+            writer.open()
+            writer.append("kept\n")
+            figures = writer.close()
+        # Open at setup, then at close: open again, upload, close; each cut
+        # at 0.5 s where the dripped answer alone takes 4.7 s.
+        self.assertLess(time.monotonic() - started, 4.0)
+        self.assertEqual(figures["failed_uploads"], 1)
 
     def test_refused_writes_stop_live_but_upload_once(self):
         writer = self.writer()
