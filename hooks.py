@@ -89,11 +89,29 @@ class Masker:
         return self._secrets
 
     def mask(self, text):
-        """``text`` with every secret replaced by the mask."""
+        """``text`` with every secret replaced by the mask.
+
+        Where secrets overlap, the mask covers all of them, so no part of
+        one is left showing beside another.
+        """
+        spans = []
         for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+            start = text.find(secret)
+            while start != -1:
+                spans.append((start, start + len(secret)))
+                start = text.find(secret, start + 1)
+        if not spans:
+            return text
+        spans.sort()
+        parts, shown = [], 0
+        for start, end in spans:
+            if start > shown:
+                parts.append(text[shown:start])
+            if start >= shown:
+                parts.append(MASK)
+            shown = max(shown, end)
+        parts.append(text[shown:])
+        return "".join(parts)
 
 
 def quote(value):

@@ -51,7 +51,7 @@ __version__ = "0.1.0"
 log = logging.getLogger("liteengine")
 
 BODY_LIMIT = 10 * 1024 * 1024
-SERVER_THREADS = 32
+SERVER_THREADS = 64
 # How long a worker waits for a keep-alive caller's next request before
 # handing the connection back to the selector.
 KEEP_ALIVE_LINGER = 0.002
@@ -320,8 +320,8 @@ def _string_map(obj, name):
     value = _optional(obj, name, dict, "an object of strings") or {}
     if not all(isinstance(item, str) for item in value.values()):
         raise ValueError("%s must be an object of strings" % name)
-    if any("\x00" in text for pair in value.items() for text in pair):
-        raise ValueError("%s must not hold NUL characters" % name)
+    for pair in value.items():
+        _check_text(pair, name)
     return dict(value)
 
 
@@ -331,7 +331,24 @@ def _string_list(obj, field, name=None):
         return []
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
         raise ValueError("%s must be a list of strings" % (name or field))
+    _check_text(value, name or field)
     return value
+
+
+def _checked(text, name):
+    _check_text((text,), name)
+    return text
+
+
+def _check_text(texts, name):
+    """Refuse what no process argument, variable or path can carry."""
+    for text in texts:
+        if "\x00" in text:
+            raise ValueError("%s must not hold NUL characters" % name)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("%s must be valid Unicode text" % name) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,7 +440,9 @@ class StepRequest:
             log_key=_optional(obj, "log_key", str, "a string") or "",
             environment=environment,
             secrets=tuple(_string_list(obj, "secrets")),
-            working_dir=_optional(obj, "working_dir", str, "a string") or "",
+            working_dir=_checked(
+                _optional(obj, "working_dir", str, "a string") or "", "working_dir"
+            ),
             timeout=float(timeout),
             commands=tuple(commands),
             entrypoint=tuple(entrypoint),
@@ -759,7 +778,7 @@ class Engine:
             if self._refuse_steps:
                 raise EngineClosed("the engine is shutting down")
             if request.id in self._steps:
-                raise ValueError("step %s was already started" % request.id)
+                raise ValueError("step %s was already started" % _short(request.id))
             step = self._new_step(request, self._stage, self._stage_secrets)
             self._steps[request.id] = step
             self._step_secrets.update(step.masker.secrets)
@@ -921,6 +940,11 @@ def render_metrics(snapshot, running_steps):
     return "\n".join(out) + "\n"
 
 
+def _short(text, limit=100):
+    """``text`` cut for an error message: a request cannot make answers huge."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _step_id(body):
     step_id = body.get("id")
     if not isinstance(step_id, str) or not step_id:
@@ -1008,7 +1032,7 @@ class Api:
         try:
             return self._engine.poll_step(step_id)
         except KeyError:
-            raise ApiError(404, "unknown step %s" % step_id) from None
+            raise ApiError(404, "unknown step %s" % _short(step_id)) from None
 
     def stream_output(self):
         """Stream the step's output from ``offset`` until it exits."""
@@ -1020,7 +1044,7 @@ class Api:
         try:
             chunks = self._engine.stream_output(step_id, offset)
         except KeyError:
-            raise ApiError(404, "unknown step %s" % step_id) from None
+            raise ApiError(404, "unknown step %s" % _short(step_id)) from None
         return bottle.HTTPResponse(
             chunks, 200, headers={"Content-Type": "text/plain; charset=utf-8"}
         )
@@ -1051,9 +1075,12 @@ class Api:
         """Bottle's own errors (unknown path, wrong method, a crash) as JSON."""
         request = bottle.request
         if error.status_code == 404:
-            message = "unknown path %s" % request.path
+            message = "unknown path %s" % _short(request.path)
         elif error.status_code == 405:
-            message = "method %s not allowed on %s" % (request.method, request.path)
+            message = "method %s not allowed on %s" % (
+                _short(request.method),
+                _short(request.path),
+            )
         elif error.status_code >= 500:
             log.error("request failed", extra=hooks.fields(path=request.path))
             message = "internal error"

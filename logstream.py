@@ -117,6 +117,8 @@ class LogConfig:
         if url and not _is_http_url(url):
             raise ValueError("%s.url must be an http or https URL" % name)
         values["url"] = url
+        if any(ord(char) < 32 or ord(char) == 127 for char in values.get("token", "")):
+            raise ValueError("%s.token must not hold control characters" % name)
         values["mtls_config"] = ClientCert.from_json(
             obj.get("mtls_config"), name + ".mtls_config"
         )
@@ -1083,7 +1085,8 @@ class LiveWriter:
             figures = dict(self._counts)
             figures["retries"] = self._client.retries
             oldest = self._unsent_since
-        figures["oldest_unsent_age"] = 0.0 if oldest is None else time.time() - oldest
+        age = 0.0 if oldest is None else time.time() - oldest
+        figures["oldest_unsent_age"] = round(age, 3)
         return figures
 
     @property
@@ -1179,8 +1182,13 @@ class LiveWriter:
         if not self._live:
             return
         if not self._opened:
+            with self._lock:
+                waiting = bool(_unsent(self._history, self._live_pos, 1))
+            if not waiting:
+                return
             self._open()
             if not self._opened:
+                self._count("flushes")
                 self._count("failed_flushes")
                 return
         while True:

@@ -72,6 +72,10 @@ class FormatterTest(unittest.TestCase):
         self.assertNotIn("s3cret-value", text)
         self.assertEqual(text.count(hooks.MASK), 2)
 
+    def test_overlapping_secrets_leave_nothing_showing(self):
+        masker = hooks.Masker(["abcdef", "cdefgh"])
+        self.assertEqual(masker.mask("xabcdefghx"), "x" + hooks.MASK + "x")
+
     def test_short_secrets_are_not_masked(self):
         masker = hooks.Masker(["ab", "", "abc"])
         self.assertEqual(masker.mask("ab abc"), "ab " + hooks.MASK)

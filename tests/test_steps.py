@@ -248,6 +248,10 @@ class StepTest(unittest.TestCase):
             status, answer = self.post(path, {"id": "nobody"})
             self.assertEqual(status, 404)
             self.assertIn("unknown step", answer["error_msg"])
+        # An error message never repeats a huge request back.
+        status, answer = self.post("/poll_step", {"id": "n" * 100000})
+        self.assertEqual(status, 404)
+        self.assertLess(len(answer["error_msg"]), 200)
 
     def test_bad_step_requests(self):
         cases = [
@@ -260,6 +264,11 @@ class StepTest(unittest.TestCase):
             ({"id": "x", "environment": {"A": 1}}, "environment"),
             ({"id": "x", "output_vars": [1]}, "output_vars"),
             ({"id": "x", "log_config": {"url": 3}}, "log_config.url"),
+            ({"id": "x", "run": {"commands": ["echo a\x00b"]}}, "run.commands"),
+            ({"id": "x", "run": {"entrypoint": ["sh\ud800"]}}, "run.entrypoint"),
+            ({"id": "x", "environment": {"A": "\udc00"}}, "environment"),
+            ({"id": "x", "working_dir": "/tmp\x00"}, "working_dir"),
+            ({"id": "x", "log_config": {"token": "a\r\nb"}}, "log_config.token"),
         ]
         for body, field in cases:
             with self.subTest(body=body):
