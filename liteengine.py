@@ -1845,7 +1845,8 @@ def run_certs(args, parser):
         print("liteengine: error: %s" % exc, file=sys.stderr)
         return 1
     folder = os.path.abspath(args.dir)
-    client = "liteengine.py client"
+    program = os.path.basename(sys.argv[0]) or "liteengine.py"
+    client = program + " client"
     if folder != os.path.abspath(DEFAULT_CERTS_DIR):
         client += " --ca %s --cert %s --key %s" % tuple(
             os.path.join(args.dir, name)
@@ -1860,7 +1861,7 @@ def run_certs(args, parser):
     print("  export SERVER_CERT_FILE=%s" % os.path.join(folder, "server.pem"))
     print("  export SERVER_KEY_FILE=%s" % os.path.join(folder, "server-key.pem"))
     print("  export CLIENT_CERT_FILE=%s" % os.path.join(folder, "ca.pem"))
-    print("  liteengine.py server")
+    print("  %s server" % program)
     print("Then, from this folder:")
     print("  %s health" % client)
     return 0
