@@ -272,7 +272,7 @@ class RefusedTest(unittest.TestCase):
             calls,
             [
                 ("POST", "/stream", 400),
-                ("POST", "/blob", 400),
+                ("POST", "/blob/link/upload", 400),
                 ("DELETE", "/stream", 400),
             ],
         )
@@ -319,8 +319,8 @@ class RefusedTest(unittest.TestCase):
                 calls = self.requests_for(service, key)
                 writes = [entry for entry in calls if entry[:2] == ("PUT", "/stream")]
                 self.assertEqual(writes, [("PUT", "/stream", 400)], calls)
-                uploads = [entry for entry in calls if entry[1] == "/blob"]
-                self.assertEqual(uploads, [("POST", "/blob", 204)], calls)
+                links = [e for e in calls if e[1] == "/blob/link/upload"]
+                self.assertEqual(links, [("POST", "/blob/link/upload", 200)], calls)
                 [upload] = service.uploads(key)
                 self.assertEqual(
                     [line["pos"] for line in upload], list(range(len(upload)))
@@ -611,7 +611,8 @@ class KeysAndPathsTest(unittest.TestCase):
         engine = EngineProcess(dict(SHORT)).start()
         self.addCleanup(engine.cleanup)
         keys = odd_keys(self.outside)
-        self.drive(engine, log_config(service), keys)
+        # Uploads through the service, so that every call carries the key.
+        self.drive(engine, log_config(service, indirect_upload=True), keys)
         self.assertNothingOutside(engine)
 
         arrived = set()

@@ -456,7 +456,11 @@ def run_load(python, port, seconds, threads=8):
 
 def new_writer(service, key, interval=1.0):
     """A ``LiveWriter`` streaming ``key`` to ``service``, as the engine makes it."""
-    config = logstream.LogConfig(url=service.url, account_id=ACCOUNT, token=TOKEN)
+    # indirect_upload: the final upload is a POST /blob to the service, the
+    # same request the upload figure's baseline makes.
+    config = logstream.LogConfig(
+        url=service.url, account_id=ACCOUNT, token=TOKEN, indirect_upload=True
+    )
     client = logstream.HTTPClient(config, logstream.Deadlines())
     return logstream.LiveWriter(client, key, config, interval)
 
@@ -912,7 +916,12 @@ def memory(settings, command, workdir, service):
     pid = engine.process.pid
     try:
         engine.ready()
-        log_config = {"url": service.url, "account_id": ACCOUNT, "token": TOKEN}
+        log_config = {
+            "url": service.url,
+            "account_id": ACCOUNT,
+            "token": TOKEN,
+            "indirect_upload": True,
+        }
         setup = {"le_log_key": "bench/engine", "log_config": log_config}
         status, answer = request(engine.port, "POST", "/setup", setup)
         if status != 200:
