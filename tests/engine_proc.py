@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,3 +200,13 @@ class EngineProcess:
     def __exit__(self, *exc_info):
         self.stop()
         self.cleanup()
+
+
+class SharedEngineCase(unittest.TestCase):
+    """Tests that share one running engine, started once as ``cls.engine``."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.engine = EngineProcess()
+        cls.addClassCleanup(cls.engine.cleanup)
+        cls.engine.start()

@@ -16,7 +16,7 @@ import time
 import unittest
 import urllib.parse
 
-from tests.engine_proc import EngineProcess, engine_command
+from tests.engine_proc import EngineProcess, SharedEngineCase, engine_command
 
 LIMIT = 10 * 1024 * 1024
 TOKEN = "tok-never-logged-7f3a"
@@ -77,14 +77,8 @@ def closed_port():
         return sock.getsockname()[1]
 
 
-class ApiTest(unittest.TestCase):
+class ApiTest(SharedEngineCase):
     """Good and bad requests to one running server."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.engine = EngineProcess()
-        cls.addClassCleanup(cls.engine.cleanup)
-        cls.engine.start()
 
     def call(self, method, path, body=None, headers=None):
         """One request to the server under test."""
@@ -236,14 +230,8 @@ class ApiTest(unittest.TestCase):
         self.assertHealthy()
 
 
-class ClientCommandTest(unittest.TestCase):
+class ClientCommandTest(SharedEngineCase):
     """The ``client`` command against a running server."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.engine = EngineProcess()
-        cls.addClassCleanup(cls.engine.cleanup)
-        cls.engine.start()
 
     def client(self, *args):
         """Run ``client`` against the server under test."""

@@ -23,7 +23,7 @@ import unittest
 import urllib.parse
 
 from tests import badinput_corpus
-from tests.engine_proc import EngineProcess, short_deadlines
+from tests.engine_proc import EngineProcess, SharedEngineCase, short_deadlines
 from tests.fakelog import FakeLogService, SilentListener
 from tests.faults_common import KEY, MARGIN, figure, log_config, outs
 
@@ -405,14 +405,8 @@ def refusal_problem(status, content_type, body, method):
     return None
 
 
-class BadInputTest(unittest.TestCase):
+class BadInputTest(SharedEngineCase):
     """A fixed-seed corpus of malformed requests against every endpoint."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.engine = EngineProcess()
-        cls.addClassCleanup(cls.engine.cleanup)
-        cls.engine.start()
 
     def run_corpus(self, cases, fresh_connection=False):
         """Send every case; returns ``(failures, statuses)``."""
