@@ -91,18 +91,6 @@ def read_env_file(path):
     return values
 
 
-def _flag(environ, name, default=False):
-    """Read a boolean the way Go's strconv.ParseBool does; unset is ``default``."""
-    value = environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("0", "f", "false"):
-        return False
-    if value in ("1", "t", "true"):
-        return True
-    raise ValueError("%s must be true or false, not %r" % (name, value))
-
-
 def _level(environ, name, default):
     """Read a protocol level name (debug ... fatal), ``default`` when unset."""
     value = environ.get(name, "").strip().lower() or default
@@ -111,20 +99,6 @@ def _level(environ, name, default):
     except ValueError as exc:
         raise ValueError("%s: %s" % (name, exc)) from None
     return value
-
-
-def _seconds(environ, name, default):
-    """Read a positive number of seconds, or ``default`` when unset."""
-    value = environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds < float("inf"):
-        raise ValueError("%s must be a positive number of seconds" % name)
-    return seconds
 
 
 def parse_bind(text):
@@ -165,18 +139,18 @@ class Config:
         """
         return cls(
             bind=parse_bind(environ.get("HTTPS_BIND") or DEFAULT_BIND),
-            insecure=_flag(environ, "SERVER_INSECURE"),
+            insecure=logstream.flag_setting(environ, "SERVER_INSECURE"),
             cert_file=environ.get("SERVER_CERT_FILE", ""),
             key_file=environ.get("SERVER_KEY_FILE", ""),
             client_cert_file=environ.get("CLIENT_CERT_FILE", ""),
-            debug=_flag(environ, "DEBUG"),
-            trace=_flag(environ, "TRACE"),
+            debug=logstream.flag_setting(environ, "DEBUG"),
+            trace=logstream.flag_setting(environ, "TRACE"),
             shared_dir=shared_folder(environ),
-            flush_interval=_seconds(environ, "LE_FLUSH_INTERVAL", 1.0),
+            flush_interval=logstream.seconds_setting(environ, "LE_FLUSH_INTERVAL", 1.0),
             deadlines=logstream.Deadlines.from_env(environ),
             transport=logstream.Transport.from_env(environ),
             stream_level=_level(environ, "LE_LOG_LEVEL", "debug"),
-            quiet=not _flag(environ, "LE_LOG_STDOUT", default=True),
+            quiet=not logstream.flag_setting(environ, "LE_LOG_STDOUT", default=True),
         )
 
 
@@ -538,13 +512,7 @@ class Step:
             log.exception("step failed to run", extra=hooks.fields(id=self.request.id))
             self.exit_code, self.error = 255, "step failed to run: %s" % exc
         finally:
-            try:
-                counters = self._writer.close()
-            except Exception:
-                log.exception(
-                    "step log not closed", extra=hooks.fields(id=self.request.id)
-                )
-                counters = {}
+            counters = self._writer.close()
             self._metrics.closed("step", self._writer, counters)
             log.info(
                 "step finished",
@@ -878,19 +846,14 @@ class Engine:
         handler, self._handler = self._handler, None
         writer, self._writer = self._writer, None
         self.console_filter.handler = None
-        counters = {}
         if handler is not None:
-            try:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
-            except Exception:
-                log.exception("log handler not detached")
-        if writer is not None:
-            try:
-                counters = writer.close()
-            except Exception:
-                log.exception("log writer not closed")
-            self.metrics.closed("engine", writer, counters)
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if writer is None:
+            return {}
+        # close() never raises: every failure inside it is a warning.
+        counters = writer.close()
+        self.metrics.closed("engine", writer, counters)
         return counters
 
 

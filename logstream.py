@@ -38,6 +38,19 @@ HISTORY_LIMIT = 5 * 1024 * 1024
 LINE_LIMIT = 70 * 1024
 TRUNCATED = "... (log line truncated)"
 BATCH_LIMIT = 1024 * 1024
+# What a writer counts, as stats() reports it and StreamMetrics sums it.
+COUNTERS = (
+    "lines",
+    "sent",
+    "bytes_sent",
+    "flushes",
+    "failed_flushes",
+    "retries",
+    "dropped",
+    "truncated",
+    "uploads",
+    "failed_uploads",
+)
 # Pending lines past this many bytes are flushed at once, not at the tick;
 # a producer that can wait (a step's output) waits past twice as many.
 HURRY_SIZE = 256 * 1024
@@ -214,6 +227,38 @@ class ClientCert:
             os.unlink(path)
 
 
+def flag_setting(environ, name, default=False):
+    """Read a boolean the way Go's strconv.ParseBool does; unset is ``default``.
+
+    Raises ``ValueError`` naming the variable for anything else.
+    """
+    value = environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("0", "f", "false"):
+        return False
+    if value in ("1", "t", "true"):
+        return True
+    raise ValueError("%s must be true or false, not %r" % (name, value))
+
+
+def seconds_setting(environ, name, default, upper=float("inf")):
+    """Read a positive number of seconds below ``upper``; unset is ``default``.
+
+    Raises ``ValueError`` naming the variable for anything else.
+    """
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < upper:
+        raise ValueError("%s must be a positive number of seconds" % name)
+    return seconds
+
+
 @dataclasses.dataclass(frozen=True)
 class Deadlines:
     """How many seconds each kind of log-service call may take, retries included."""
@@ -230,19 +275,12 @@ class Deadlines:
         Raises ``ValueError`` naming the variable when a value is not a
         positive number.
         """
-        values = {}
-        for field in dataclasses.fields(cls):
-            name = "LE_%s_TIMEOUT" % field.name.upper()
-            text = environ.get(name, "").strip()
-            if not text:
-                continue
-            try:
-                seconds = float(text)
-            except ValueError:
-                seconds = -1.0
-            if not 0 < seconds < 86400:
-                raise ValueError("%s must be a positive number of seconds" % name)
-            values[field.name] = seconds
+        values = {
+            field.name: seconds_setting(
+                environ, "LE_%s_TIMEOUT" % field.name.upper(), field.default, 86400
+            )
+            for field in dataclasses.fields(cls)
+        }
         return cls(**values)
 
 
@@ -287,12 +325,9 @@ class Transport:
                     "LE_LOG_CA_FILE=%s holds no readable PEM certificate: %s"
                     % (ca_file, getattr(exc, "strerror", None) or exc)
                 ) from None
-        skip = environ.get("LE_LOG_SKIP_VERIFY", "").strip().lower()
-        if skip not in ("", "0", "f", "false", "1", "t", "true"):
-            raise ValueError("LE_LOG_SKIP_VERIFY must be true or false")
         return cls(
             ca_file=ca_file,
-            skip_verify=skip in ("1", "t", "true"),
+            skip_verify=flag_setting(environ, "LE_LOG_SKIP_VERIFY"),
             proxy_env=_proxy_pairs(environ),
         )
 
@@ -1028,19 +1063,9 @@ class LiveWriter:
         self._opened = config.skip_opening_stream
         self._live = True
         self._failing = False
+        # The client keeps the count of retries; stats() adds it.
         self._counts = dict.fromkeys(
-            (
-                "lines",
-                "sent",
-                "bytes_sent",
-                "flushes",
-                "failed_flushes",
-                "dropped",
-                "truncated",
-                "uploads",
-                "failed_uploads",
-            ),
-            0,
+            (name for name in COUNTERS if name != "retries"), 0
         )
 
     # -- any thread
@@ -1354,22 +1379,9 @@ class StreamMetrics:
     after it is released.
     """
 
-    COUNTERS = (
-        "lines",
-        "sent",
-        "bytes_sent",
-        "flushes",
-        "failed_flushes",
-        "retries",
-        "dropped",
-        "truncated",
-        "uploads",
-        "failed_uploads",
-    )
-
     def __init__(self, kinds=("engine", "step")):
         self._lock = threading.Lock()
-        self._totals = {kind: dict.fromkeys(self.COUNTERS, 0) for kind in kinds}
+        self._totals = {kind: dict.fromkeys(COUNTERS, 0) for kind in kinds}
         self._open = {kind: set() for kind in kinds}
 
     def opened(self, kind, writer):
@@ -1384,7 +1396,7 @@ class StreamMetrics:
                 return
             self._open[kind].discard(writer)
             totals = self._totals[kind]
-            for name in self.COUNTERS:
+            for name in COUNTERS:
                 totals[name] += figures.get(name, 0)
 
     def snapshot(self):
@@ -1398,7 +1410,7 @@ class StreamMetrics:
             figures["oldest_unsent_age"] = 0.0
             for writer in found:
                 live = writer.stats()
-                for name in self.COUNTERS:
+                for name in COUNTERS:
                     figures[name] += live[name]
                 age = max(figures["oldest_unsent_age"], live["oldest_unsent_age"])
                 figures["oldest_unsent_age"] = age
